@@ -1,0 +1,348 @@
+"""The embedded synthetic video dataset: the demo's data, generated in-process, no download.
+
+Each video is a camera panning over a procedural background (two-octave value noise under
+a random two-colour ramp) while 3-5 textured objects translate, scale and rotate in front
+of it and occlude one another. An object's class is the pair (shape, texture pattern):
+
+    1 striped disc     2 checkered square   3 dotted triangle
+    4 spoked ring      5 hatched cross      6 bullseye star
+
+Colour carries no class information: every instance draws two random colours (hue,
+saturation and value independent of the class, randomly assigned to the pattern's two
+phases), and backgrounds draw their colours from the same hue range. The patterns live
+in the object's own coordinates, so they move, turn and scale with it over time.
+
+A video is a pure function of (seed, stream, index): `video_spec` draws a small set of
+parameters, and `render(spec, t)` draws frame t analytically (pixel-centre sampling, hard
+edges), so a `SyntheticVideo` renders only the frames a pair sampler asks for. Pixels of
+each object are computed inside its bounding box only: a 64 px frame takes ~1.5 ms.
+
+Streams keep the sets disjoint: pretraining videos use stream 0 ('train') or 1 ('val'),
+segmentation images use stream 2 ('train') or 3 ('val'); the segmentation val set is
+fixed by its seed (default 0) and never overlaps anything the model is pretrained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from cacl_jax.data import video as video_lib
+
+CLASS_NAMES = ('background', 'striped_disc', 'checkered_square', 'dotted_triangle',
+               'spoked_ring', 'hatched_cross', 'bullseye_star')
+NUM_CLASSES = len(CLASS_NAMES)  # including background (label 0)
+
+_STREAMS = {('pretrain', 'train'): 0, ('pretrain', 'val'): 1,
+            ('segmentation', 'train'): 2, ('segmentation', 'val'): 3}
+
+
+# ----------------------------------------------------------------------------------------
+# Shapes and textures, in object coordinates (u, v): unit = object radius, the shape fits
+# in the unit disc so that a box of ±radius around the centre bounds it at any rotation.
+# ----------------------------------------------------------------------------------------
+def _disc(u, v):
+  return u * u + v * v <= 1.0
+
+
+def _square(u, v):
+  return np.maximum(np.abs(u), np.abs(v)) <= 0.7
+
+
+def _triangle(u, v):
+  # Equilateral, circumradius 1: three half-planes at distance 1/2 from the centre.
+  return (v <= 0.5) & (0.866 * u - 0.5 * v <= 0.5) & (-0.866 * u - 0.5 * v <= 0.5)
+
+
+def _ring(u, v):
+  r2 = u * u + v * v
+  return (r2 <= 1.0) & (r2 >= 0.5 ** 2)
+
+
+def _cross(u, v):
+  au, av = np.abs(u), np.abs(v)
+  return ((au <= 0.32) & (av <= 0.95)) | ((av <= 0.32) & (au <= 0.95))
+
+
+def _star(u, v):
+  # Five-pointed star: the radius limit swings between 0.45 (notches) and 1 (tips).
+  phi = np.arctan2(v, u)
+  limit = 0.45 + 0.55 * np.abs(np.cos(2.5 * phi)) ** 3
+  return u * u + v * v <= limit * limit
+
+
+def _stripes(u, v):
+  return np.mod(u, 0.5) < 0.25
+
+
+def _checker(u, v):
+  return (np.floor(u / 0.35) + np.floor(v / 0.35)) % 2 == 0
+
+
+def _dots(u, v):
+  du = np.mod(u, 0.45) - 0.225
+  dv = np.mod(v, 0.45) - 0.225
+  return du * du + dv * dv < 0.13 ** 2
+
+
+def _spokes(u, v):
+  return np.mod(np.arctan2(v, u) * (8 / (2 * np.pi)), 1.0) < 0.5
+
+
+def _hatch(u, v):
+  return (np.mod(u + v, 0.42) < 0.12) | (np.mod(u - v, 0.42) < 0.12)
+
+
+def _bullseye(u, v):
+  return np.mod(np.sqrt(u * u + v * v), 0.3) < 0.15
+
+
+_SHAPES = (_disc, _square, _triangle, _ring, _cross, _star)
+_TEXTURES = (_stripes, _checker, _dots, _spokes, _hatch, _bullseye)
+
+
+# ----------------------------------------------------------------------------------------
+# Video parameters.
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ObjectSpec:
+  """One object. Pose at frame t (pixels, radians), periodic so it stays in view.
+
+  centre(t) = centre + amp * sin(2π t / period + phase)   (per axis)
+  radius(t) = radius * (1 + 0.2 sin(2π t / scale_period + scale_phase))
+  angle(t)  = angle + spin * t
+  """
+  label: int  # 1..6
+  centre: np.ndarray  # [2] (x, y)
+  amp: np.ndarray  # [2]
+  period: np.ndarray  # [2]
+  phase: np.ndarray  # [2]
+  radius: float
+  scale_period: float
+  scale_phase: float
+  angle: float
+  spin: float
+  colours: np.ndarray  # [2, 3] float in [0, 255]: pattern-on, pattern-off
+
+  def pose(self, t: float) -> tuple[float, float, float, float]:
+    cx, cy = self.centre + self.amp * np.sin(2 * np.pi * t / self.period + self.phase)
+    r = self.radius * (1 + 0.2 * np.sin(2 * np.pi * t / self.scale_period + self.scale_phase))
+    return float(cx), float(cy), float(r), float(self.angle + self.spin * t)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSpec:
+  """Everything needed to render any frame of one video."""
+  frame_size: int
+  noise_seed: int
+  cells: tuple[float, float]  # value-noise lattice cell sizes (pixels), coarse and fine
+  pan_start: np.ndarray  # [2] camera offset at t = 0 (pixels)
+  pan_velocity: np.ndarray  # [2] pixels per frame
+  background: np.ndarray  # [2, 3] colour ramp ends
+  objects: tuple[ObjectSpec, ...]  # back to front
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+  i = int(h * 6) % 6
+  f = h * 6 - np.floor(h * 6)
+  p, q, w = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+  rgb = [(v, w, p), (q, v, p), (p, v, w), (p, q, v), (w, p, v), (v, p, q)][i]
+  return 255.0 * np.asarray(rgb)
+
+
+def _colour_pair(rng: np.random.Generator, contrast: tuple[float, float]) -> np.ndarray:
+  """Two colours of independent random hue whose values differ by `contrast`; random order."""
+  bright = rng.uniform(contrast[1] + 0.05, 1.0)
+  dark = bright - rng.uniform(*contrast)
+  pair = np.stack([_hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 1.0), bright),
+                   _hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 1.0), dark)])
+  return pair[rng.permutation(2)]
+
+
+def video_spec(seed: int, stream: int, index: int, frame_size: int,
+               num_objects: tuple[int, int] = (3, 5)) -> VideoSpec:
+  """Draws video `index` of `stream`: a pure function of its arguments."""
+  rng = np.random.default_rng([seed, stream, index])
+  size = float(frame_size)
+  objects = []
+  for _ in range(rng.integers(num_objects[0], num_objects[1] + 1)):
+    objects.append(ObjectSpec(
+        label=int(rng.integers(1, NUM_CLASSES)),
+        centre=rng.uniform(0.2, 0.8, size=2) * size,
+        amp=rng.uniform(0.05, 0.22, size=2) * size,
+        period=rng.uniform(40, 120, size=2),
+        phase=rng.uniform(0, 2 * np.pi, size=2),
+        # Diameter 12-31 px at 64 px (radius 0.12-0.2 of the side, ±20% over time).
+        radius=rng.uniform(0.12, 0.2) * size,
+        scale_period=rng.uniform(40, 120),
+        scale_phase=rng.uniform(0, 2 * np.pi),
+        angle=rng.uniform(0, 2 * np.pi),
+        spin=rng.uniform(-0.06, 0.06),
+        colours=_colour_pair(rng, (0.3, 0.5))))
+  speed = rng.uniform(0.3, 1.5) * size / 64
+  heading = rng.uniform(0, 2 * np.pi)
+  coarse = rng.uniform(0.15, 0.35) * size
+  return VideoSpec(
+      frame_size=frame_size,
+      noise_seed=int(rng.integers(2 ** 31)),
+      cells=(coarse, coarse / rng.uniform(2.5, 4.0)),
+      pan_start=rng.uniform(-1000, 1000, size=2),
+      pan_velocity=speed * np.array([np.cos(heading), np.sin(heading)]),
+      background=_colour_pair(rng, (0.15, 0.4)),
+      objects=tuple(objects))
+
+
+# ----------------------------------------------------------------------------------------
+# Rendering.
+# ----------------------------------------------------------------------------------------
+def _lattice(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
+  """Hash of integer lattice points -> uniform [0, 1). uint32 arithmetic wraps by design."""
+  h = (ix.astype(np.uint32) * np.uint32(374761393) + iy.astype(np.uint32) * np.uint32(668265263)
+       + np.uint32(seed))
+  h = (h ^ (h >> np.uint32(13))) * np.uint32(1274126177)
+  h = h ^ (h >> np.uint32(16))
+  return h.astype(np.float32) / np.float32(2 ** 32)
+
+
+def _value_noise(x: np.ndarray, y: np.ndarray, cell: float, seed: int) -> np.ndarray:
+  """Smooth value noise at world coordinates (x, y): bilinear-smoothstep of lattice hashes."""
+  fx, fy = x / cell, y / cell
+  ix, iy = np.floor(fx), np.floor(fy)
+  tx, ty = fx - ix, fy - iy
+  tx, ty = tx * tx * (3 - 2 * tx), ty * ty * (3 - 2 * ty)
+  ix, iy = ix.astype(np.int64), iy.astype(np.int64)
+  top = _lattice(ix, iy, seed) * (1 - tx) + _lattice(ix + 1, iy, seed) * tx
+  bottom = _lattice(ix, iy + 1, seed) * (1 - tx) + _lattice(ix + 1, iy + 1, seed) * tx
+  return top * (1 - ty) + bottom * ty
+
+
+def render(spec: VideoSpec, t: float) -> tuple[np.ndarray, np.ndarray]:
+  """Frame t of a video. Returns (uint8 [S, S, 3] RGB, uint8 [S, S] labels, 0 = background)."""
+  size = spec.frame_size
+  centres = np.arange(size, dtype=np.float32) + 0.5
+  # The camera pans over the infinite background; objects move in view coordinates.
+  cam = spec.pan_start + spec.pan_velocity * t
+  bx = (centres + cam[0])[None, :]
+  by = (centres + cam[1])[:, None]
+  n = (0.65 * _value_noise(bx, by, spec.cells[0], spec.noise_seed)
+       + 0.35 * _value_noise(bx, by, spec.cells[1], spec.noise_seed + 1))
+  lo, hi = spec.background.astype(np.float32)
+  image = lo + n[..., None] * (hi - lo)
+  labels = np.zeros((size, size), np.uint8)
+  for obj in spec.objects:
+    cx, cy, r, angle = obj.pose(t)
+    x0, x1 = max(0, int(cx - r) - 1), min(size, int(cx + r) + 2)
+    y0, y1 = max(0, int(cy - r) - 1), min(size, int(cy + r) + 2)
+    if x0 >= x1 or y0 >= y1:
+      continue
+    dx = (centres[x0:x1] - cx)[None, :]
+    dy = (centres[y0:y1] - cy)[:, None]
+    cos, sin = np.cos(angle), np.sin(angle)
+    u = (cos * dx + sin * dy) / r
+    v = (-sin * dx + cos * dy) / r
+    mask = _SHAPES[obj.label - 1](u, v)
+    on = _TEXTURES[obj.label - 1](u, v)
+    colour = np.where(on[..., None], obj.colours[0], obj.colours[1])
+    window = image[y0:y1, x0:x1]
+    window[mask] = colour[mask]
+    labels[y0:y1, x0:x1][mask] = obj.label
+  return np.clip(np.rint(image), 0, 255).astype(np.uint8), labels
+
+
+class SyntheticVideo(video_lib.Video):
+  """A synthetic clip of `num_frames` frames; renders only the frames asked for."""
+
+  def __init__(self, spec: VideoSpec, num_frames: int, name: str = ''):
+    self.spec = spec
+    self._num_frames = num_frames
+    self.name = name
+
+  @property
+  def num_frames(self) -> int:
+    return self._num_frames
+
+  def _check(self, indices: Sequence[int]) -> None:
+    bad = [i for i in indices if not 0 <= i < self._num_frames]
+    if bad:
+      raise IndexError(f'{self.name}: frame indices {bad} outside [0, {self._num_frames})')
+
+  def frames(self, indices: Sequence[int]) -> np.ndarray:
+    """uint8 [len(indices), S, S, 3]."""
+    self._check(indices)
+    return np.stack([render(self.spec, i)[0] for i in indices])
+
+  def labels(self, indices: Sequence[int]) -> np.ndarray:
+    """uint8 [len(indices), S, S], 0 = background, 1..6 = CLASS_NAMES[1:]. Evaluation only."""
+    self._check(indices)
+    return np.stack([render(self.spec, i)[1] for i in indices])
+
+
+def _check_args(num: int, num_frames: int, frame_size: int, split: str) -> None:
+  if num < 1 or num_frames < 1:
+    raise ValueError(f'synthetic data wants >= 1 videos/images and frames, got {num}, {num_frames}')
+  if frame_size < 16:
+    raise ValueError(f'synthetic frame_size must be >= 16 pixels, got {frame_size}')
+  if split not in ('train', 'val'):
+    raise ValueError(f"synthetic split must be 'train' or 'val', got {split!r}")
+
+
+class SyntheticVideoSource:
+  """grain random-access source of `SyntheticVideo`s for pretraining.
+
+  Video i is a pure function of (seed, split, i); `num_videos` may be as large as wanted
+  (nothing is stored). Items are cheap to build; frames are rendered on demand.
+  """
+
+  def __init__(self, num_videos: int, num_frames: int, frame_size: int, seed: int = 0, *,
+               split: str = 'train', num_objects: tuple[int, int] = (3, 5)):
+    _check_args(num_videos, num_frames, frame_size, split)
+    self.num_videos, self.num_frames, self.frame_size = num_videos, num_frames, frame_size
+    self.seed, self.split, self.num_objects = seed, split, tuple(num_objects)
+    self._stream = _STREAMS[('pretrain', split)]
+
+  def __len__(self) -> int:
+    return self.num_videos
+
+  def __getitem__(self, index: int) -> SyntheticVideo:
+    index = int(index)
+    if not 0 <= index < self.num_videos:
+      raise IndexError(f'video {index} outside [0, {self.num_videos})')
+    spec = video_spec(self.seed, self._stream, index, self.frame_size, self.num_objects)
+    return SyntheticVideo(spec, self.num_frames, name=f'synthetic/{self.split}/{self.seed}/{index}')
+
+  def __repr__(self) -> str:
+    return (f'SyntheticVideoSource(num_videos={self.num_videos}, num_frames={self.num_frames}, '
+            f'frame_size={self.frame_size}, seed={self.seed}, split={self.split!r})')
+
+
+class SyntheticSegmentation:
+  """Segmentation source: image i is one frame (random t) of segmentation video i.
+
+  Items: {'image': uint8 [S, S, 3], 'label': uint8 [S, S], 'id': str}. Train and val use
+  disjoint video streams, both disjoint from the pretraining videos; val is fixed by `seed`.
+  """
+  class_names = CLASS_NAMES
+
+  def __init__(self, split: str = 'train', num_images: int = 512, frame_size: int = 64,
+               seed: int = 0, *, num_frames: int = 64, num_objects: tuple[int, int] = (3, 5)):
+    _check_args(num_images, num_frames, frame_size, split)
+    self.split, self.num_images, self.frame_size = split, num_images, frame_size
+    self.seed, self.num_frames, self.num_objects = seed, num_frames, tuple(num_objects)
+    self._stream = _STREAMS[('segmentation', split)]
+
+  def __len__(self) -> int:
+    return self.num_images
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
+    index = int(index)
+    if not 0 <= index < self.num_images:
+      raise IndexError(f'image {index} outside [0, {self.num_images})')
+    spec = video_spec(self.seed, self._stream, index, self.frame_size, self.num_objects)
+    t = np.random.default_rng([self.seed, self._stream, index, 1]).integers(self.num_frames)
+    image, label = render(spec, int(t))
+    return {'image': image, 'label': label, 'id': f'synthetic/{self.split}/{self.seed}/{index}'}
+
+  def __repr__(self) -> str:
+    return (f'SyntheticSegmentation(split={self.split!r}, num_images={self.num_images}, '
+            f'frame_size={self.frame_size}, seed={self.seed})')

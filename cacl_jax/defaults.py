@@ -1,0 +1,67 @@
+"""Every pretraining config key, with the paper-scale defaults (SPEC §1–§5, §8).
+
+Config files in `configs/` start from `pretrain_config()` and override what their experiment
+changes, so an unknown `--config.KEY=VALUE` is rejected by ml_collections with one clear line.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 512            # global: 16 accelerators × 32, as the paper
+  c.total_steps = 100_000
+  c.checkpoint_every_steps = 2_000
+  c.keep_checkpoints = 3
+  c.log_every_steps = 50
+  c.viz_every_steps = 5_000     # paper-Fig.-3 affinity PNG in WORKDIR/figures (0 = never)
+  c.eval_after = ml_collections.ConfigDict()  # filled by configs that chain an evaluation (demo)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "kinetics"      # 'synthetic' | 'kinetics' | 'imagenet'
+  c.data.root = ""              # prepared data dir (python -m cacl_jax.prepare_data ...)
+  c.data.image_size = 224
+  c.data.frame_stride = 8       # s, in frames (Table 1b)
+  c.data.pair_type = "cross_frame"  # 'cross_frame' | 'same_frame'
+  c.data.crop_scale = (0.2, 1.0)
+  c.data.crop_ratio = (3 / 4, 4 / 3)
+  c.data.num_workers = 8        # grain worker processes per host (0 = in-process)
+  c.data.prefetch = 4           # grain per-worker buffer (batches)
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.num_videos = 100_000
+  c.data.synthetic.num_frames = 32
+  c.data.synthetic.frame_size = 96
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet18"   # 'resnet18' | 'resnet50'
+  c.model.width_divisor = 1       # 4 or 8: the narrow CPU variants
+  c.model.embed_dim = 128         # D
+  c.model.dtype = "float32"       # compute dtype: 'float32' | 'bfloat16' (params, losses f32)
+  c.model.pixel_shuffle = True    # eq. 7
+  c.model.bn_mode = "group"       # 'group' (fixed groups + shuffle-BN for the target) | 'sync'
+  c.model.bn_group_size = 32      # the paper's per-GPU batch
+  c.model.ema_momentum = 0.999
+  c.model.ema_cosine = False      # cosine ramp of m to 1 (BYOL)
+  c.model.init_from = ""          # optional: a pretraining workdir whose online backbone starts θo
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.weights = ml_collections.ConfigDict({"global": 1.0, "pixel": 1.0, "cycle": 1.0})
+  c.loss.temperature = ml_collections.ConfigDict({"global": 0.07, "pixel": 0.07, "cycle": 0.07})
+  c.loss.pixel_match = "global"   # 'global' (eq. 4) | 'same_position' (Table 1a, pixel head alone)
+  c.loss.soft_cycle = True        # the soft cycle trick (KL to softmax(û û+ᵀ/τ))
+  c.loss.cycle_negatives = True   # Q_C in the cycle path
+
+  c.queue = ml_collections.ConfigDict()
+  c.queue.size = 16_384           # K
+  c.queue.pixels_per_image = 1
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 1.0           # for base_batch, scaled linearly with batch_size
+  c.optim.base_batch = 512
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-6
+  c.optim.trust_coefficient = 1e-3
+  c.optim.warmup_steps = 0
+  return c

@@ -1,0 +1,389 @@
+"""The CACL losses (SPEC §3; Pang et al. 2022, eqs. 3-6) as pure functions of arrays.
+
+Every public loss takes raw head outputs: `[B, N, D]` maps (B images, N = h·w pixels,
+D channels, any float dtype), a queue `[K, D]` (K may be 0) and a temperature τ. Inputs are
+cast to float32 first and all loss math runs in float32; each function L2-normalises
+internally and returns a float32 scalar, the mean over its rows (images or pixels).
+
+The `*_pos` inputs are the target network's outputs on the other frame v+. They get
+`jax.lax.stop_gradient` here as well as in the train step, so a loss can never push
+gradient into the target (EMA) network, whoever calls it. The queues are buffers: no
+gradient either.
+
+Batch strategy (one decision for the whole module): the per-image work is written for one
+`[N, D]` map and batched with `jax.vmap`, not `jax.lax.map`. Under `jit` the batch axis is
+sharded over the device mesh; `vmap` keeps every op batched along that axis so each device
+works on its own B/devices images, whereas `lax.map` scans over the sharded axis and XLA's
+partitioner answers that by all-gathering the whole batch and running all B iterations on
+every device (checked on 8 CPU devices: an all-gather of the full batch appears in the HLO).
+The price is that memory scales with the per-device batch, so the per-image footprint is
+kept small instead:
+  * the hard cycle keeps only N×N matrices for the backward pass: S2's first N columns are
+    S1ᵀ, and the queue columns of S2 only enter through P2's row normaliser, which is a
+    constant (ĉ+ and Q carry no gradient), computed forward-only in chunks of
+    `_QUEUE_CHUNK` queue rows. No N×N×N, (N×N)·(N+K) or even N×K array exists;
+  * the soft cycle adds one N×N matmul (M's first N columns), never N×N×N;
+  * the pixel and global losses hold their N×K (resp. 1×K) logits, O(N·(N+K)) per image.
+At paper scale (N = 28·28, K = 16384, 32 images per device) the pixel loss's
+32×784×16384 float32 logits (1.6 GiB; 3.1 GiB of XLA temporaries with the backward) are
+the largest loss arrays; the cycle loss needs well under 1 GB there.
+`benchmarks/cycle_loss_memory.py` measures all of this.
+
+Matmuls use `Precision.HIGHEST`: on TPU the default f32 matmul is a single bfloat16 pass,
+which at τ = 0.07 puts errors of a few 1e-2 on the logits; the loss matmuls are a small fraction
+of the step's flops, so they get true float32.
+"""
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Queue rows per chunk when a row-wise reduction over ĉ+ Qᵀ is needed: bounds the
+# transient block to N×2048 per image whatever K is (at 32 images of N = 784 per device
+# that block is 205 MB; each chunk's matmul is still [25088, 128] x [128, 2048]).
+_QUEUE_CHUNK = 2048
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+def l2n(x, axis=-1, eps=1e-12):
+  """L2-normalises `x` along `axis`: x / max(‖x‖, eps) (torch `F.normalize` semantics).
+
+  The norm is taken in float32 whatever the dtype; the result keeps `x`'s dtype. The eps
+  floor makes an all-zero vector map to zero with a finite gradient instead of NaN.
+  """
+  x = jnp.asarray(x)
+  sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True)
+  return (x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Input handling.
+# ----------------------------------------------------------------------------------------
+
+
+def _maps(fn, name, x, x_pos):
+  """Checks a pair of `[B, N, D]` maps of one shape and casts both to float32."""
+  x, x_pos = jnp.asarray(x), jnp.asarray(x_pos)
+  if x.ndim != 3:
+    raise ValueError(f'{fn}: expected {name} as a [B, N, D] array, got shape {x.shape}')
+  if x_pos.shape != x.shape:
+    raise ValueError(f'{fn}: expected {name}_pos with the shape of {name} {x.shape}, '
+                     f'got {x_pos.shape}')
+  return x.astype(jnp.float32), x_pos.astype(jnp.float32)
+
+
+def _queue(fn, queue, d):
+  """Checks a `[K, D]` queue; returns it float32, unit-norm and gradient-free.
+
+  Queues already hold unit vectors (SPEC §4); re-normalising is idempotent and cheap and
+  keeps the losses correct for any caller.
+  """
+  queue = jnp.asarray(queue)
+  if queue.ndim != 2 or queue.shape[1] != d:
+    raise ValueError(f'{fn}: expected queue as a [K, {d}] array (K may be 0), '
+                     f'got shape {queue.shape}')
+  return jax.lax.stop_gradient(l2n(queue.astype(jnp.float32)))
+
+
+def _temperature(fn, temperature):
+  if isinstance(temperature, (int, float)) and not temperature > 0:
+    raise ValueError(f'{fn}: expected a temperature > 0, got {temperature}')
+  return temperature
+
+
+def _sim(a, b, tau):
+  """a [..., N, D], b [..., M, D] -> a bᵀ / τ [..., N, M] in full float32."""
+  return jnp.einsum('...nd,...md->...nm', a, b, precision=_HIGHEST) / tau
+
+
+def _info_nce(pos, neg):
+  """−log softmax([pos, neg])[0] (eq. 1): pos [...], neg [..., K] -> [...]."""
+  logits = jnp.concatenate([pos[..., None], neg], axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - pos
+
+
+def _fold_queue(queue, init, fn):
+  """Folds `fn(carry, rows [C, D], valid [C]) -> carry` over the queue in row chunks.
+
+  Used for row-wise reductions (logsumexp, max) over ĉ+ Qᵀ, so that block is never larger
+  than N × `_QUEUE_CHUNK`. The last chunk is zero-padded; `valid` marks the real rows.
+  """
+  k, d = queue.shape
+  if k == 0:
+    return init
+  if k <= _QUEUE_CHUNK:
+    return fn(init, queue, jnp.ones((k,), bool))
+  n = -(-k // _QUEUE_CHUNK)
+  rows = queue
+  if n * _QUEUE_CHUNK != k:  # pad only when needed: the copy is a K×D temporary
+    rows = jnp.pad(queue, ((0, n * _QUEUE_CHUNK - k), (0, 0)))
+  rows = rows.reshape(n, _QUEUE_CHUNK, d)
+  valid = (jnp.arange(n * _QUEUE_CHUNK) < k).reshape(n, _QUEUE_CHUNK)
+  carry, _ = jax.lax.scan(lambda c, x: (fn(c, *x), None), init, (rows, valid))
+  return carry
+
+
+# ----------------------------------------------------------------------------------------
+# Global head (eq. 3).
+# ----------------------------------------------------------------------------------------
+
+
+def global_loss(u, u_pos, queue, temperature):
+  """Global contrastive loss L_G (eq. 3, SPEC §3).
+
+  q = l2n(mean_i u_i), k = l2n(mean_i u+_i),
+  L_G = mean_b −log softmax([q·k, q·Q_Gᵀ] / τ)[0].
+
+  Args:
+    u: [B, N, D] online global-head map on v.
+    u_pos: [B, N, D] target global-head map on v+ (no gradient).
+    queue: [K, D] negatives Q_G; K may be 0.
+    temperature: τ > 0.
+  Returns:
+    float32 scalar.
+  """
+  tau = _temperature('global_loss', temperature)
+  u, u_pos = _maps('global_loss', 'u', u, u_pos)
+  queue = _queue('global_loss', queue, u.shape[-1])
+  q = l2n(jnp.mean(u, axis=1))  # [B, D]
+  # Target side: the EMA network gets no gradient from any loss.
+  k = l2n(jnp.mean(jax.lax.stop_gradient(u_pos), axis=1))  # [B, D]
+  pos = jnp.sum(q * k, axis=-1) / tau  # [B]
+  neg = _sim(q, queue, tau)  # [B, K]
+  return jnp.mean(_info_nce(pos, neg))
+
+
+# ----------------------------------------------------------------------------------------
+# Pixel head (eq. 4).
+# ----------------------------------------------------------------------------------------
+
+
+def _global_match(u, u_pos):
+  """m(i) = argmax_j û_i·û+_j (eq. 4), ties to the lowest j: [B, N, D] x2 -> [B, N] int32.
+
+  A hard assignment: no gradient reaches u through it.
+  """
+  u_hat = l2n(jax.lax.stop_gradient(u))
+  u_pos_hat = l2n(jax.lax.stop_gradient(u_pos))
+  affinity = _sim(u_hat, u_pos_hat, 1.0)  # A [B, N, N]
+  # jnp.argmax returns the first maximal index: the lowest j, as SPEC §3 asks.
+  return jnp.argmax(affinity, axis=-1).astype(jnp.int32)
+
+
+def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global'):
+  """Pixel contrastive loss L_P (eq. 4, SPEC §3).
+
+  A = û û+ᵀ, m(i) = argmax_j A_ij (ties: lowest j), p̂ = l2n(p), p̂+ = l2n(p+),
+  L_P = mean_{b,i} −log softmax([p̂_i·p̂+_{m(i)}, p̂_i·Q_Pᵀ] / τ)[0].
+  The negatives are the queue Q_P (pixels of other videos).
+
+  Args:
+    p: [B, N, D] online pixel-head map on v.
+    p_pos: [B, N, D] target pixel-head map on v+ (no gradient).
+    u, u_pos: [B, N, D'] global-head maps that define the match when match='global'
+      (no gradient: argmax); unused (may be None) for 'same_position'.
+    queue: [K, D] negatives Q_P; K may be 0.
+    temperature: τ > 0.
+    match: 'global' (m(i) from the global head, as in CACL) or 'same_position'
+      (m(i) = i: Table 1a's "pixel head alone").
+  Returns:
+    float32 scalar.
+  """
+  tau = _temperature('pixel_loss', temperature)
+  p, p_pos = _maps('pixel_loss', 'p', p, p_pos)
+  queue = _queue('pixel_loss', queue, p.shape[-1])
+  b, n, _ = p.shape
+  if match == 'global':
+    u, u_pos = _maps('pixel_loss', 'u', u, u_pos)
+    if u.shape[:2] != (b, n):
+      raise ValueError(f'pixel_loss: expected u as [{b}, {n}, D] like p, got {u.shape}')
+    m = _global_match(u, u_pos)
+  elif match == 'same_position':
+    m = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  else:
+    raise ValueError(f"pixel_loss: expected match 'global' or 'same_position', "
+                     f'got {match!r}')
+  p_hat = l2n(p)
+  # Target side: the EMA network gets no gradient from any loss.
+  p_pos_hat = l2n(jax.lax.stop_gradient(p_pos))
+  p_match = jnp.take_along_axis(p_pos_hat, m[..., None], axis=1)  # p̂+_{m(i)} [B, N, D]
+  pos = jnp.sum(p_hat * p_match, axis=-1) / tau  # [B, N]
+  neg = _sim(p_hat, queue, tau)  # [B, N, K]
+  return jnp.mean(_info_nce(pos, neg))
+
+
+def pixel_match_accuracy(u, u_pos):
+  """Fraction of pixels whose global-head match m(i) (eq. 4) is i itself: float32 scalar.
+
+  u, u_pos: [B, N, D]. A metric, no gradient. Between two frames s apart it reads as
+  "how static is the match"; near 1.0 under pixel shuffle means the heads found a
+  positional shortcut, near 1/N means the match is unrelated to position.
+  """
+  u, u_pos = _maps('pixel_match_accuracy', 'u', u, u_pos)
+  m = _global_match(u, u_pos)
+  return jnp.mean((m == jnp.arange(u.shape[1])).astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------
+# Cycle-attention head (eqs. 5-6).
+# ----------------------------------------------------------------------------------------
+
+
+def _queue_lse(c_pos_hat, queue, tau):
+  """logsumexp_k ĉ+_j·Q_k / τ for each target pixel j: [N, D], [K, D] -> [N] (−inf if K=0).
+
+  The queue columns of S2. Neither ĉ+ nor Q carries gradient, so this is a constant of
+  the loss: computed forward-only, chunk by chunk, and nothing of size N×K is kept.
+  """
+  c_pos_hat = jax.lax.stop_gradient(c_pos_hat)
+
+  def step(acc, rows, valid):
+    logits = jnp.where(valid[None, :], _sim(c_pos_hat, rows, tau), -jnp.inf)
+    return jnp.logaddexp(acc, jax.nn.logsumexp(logits, axis=-1))
+
+  init = jnp.full(c_pos_hat.shape[:1], -jnp.inf, jnp.float32)
+  return jax.lax.stop_gradient(_fold_queue(queue, init, step))
+
+
+def _cycle_terms(c_hat, c_pos_hat, queue, tau):
+  """The two jumps of eq. 5 for one image, in log space, restricted to columns [0, N).
+
+  With S1 = ĉ ĉ+ᵀ/τ and S2 = ĉ+ [ĉ ; Q_C]ᵀ/τ, the first N columns of S2 are S1ᵀ, so
+    log P1_ij = S1_ij − logsumexp_j' S1_ij'
+    log P2_ji = S1_ij − r_j,   r_j = logsumexp(S1_:j ∪ S2[j, N:])  (row j of S2, all N+K).
+  Gradient flows through ĉ in both (S1's rows and S2's columns) because both are S1.
+
+  Args: c_hat [N, D] unit online map; c_pos_hat [N, D] unit target map; queue [K, D].
+  Returns: log_p1 [N, N] (log P1), log_p2_t [N, N] with log_p2_t[i, j] = log P2_ji,
+    and r [N], the log row normaliser of P2 (for the queue columns).
+  """
+  s1 = _sim(c_hat, c_pos_hat, tau)  # [N, N]
+  log_p1 = s1 - jax.nn.logsumexp(s1, axis=1, keepdims=True)
+  r = jnp.logaddexp(jax.nn.logsumexp(s1, axis=0), _queue_lse(c_pos_hat, queue, tau))
+  log_p2_t = s1 - r[None, :]
+  return log_p1, log_p2_t, r
+
+
+def _hard_cycle(c_hat, c_pos_hat, queue, tau):
+  """−log M_ii per pixel (eq. 6), M never formed: [N, D] x2 -> [N].
+
+  log M_ii = logsumexp_j (log P1_ij + log P2_ji)   (SPEC §3).
+  """
+  log_p1, log_p2_t, _ = _cycle_terms(c_hat, c_pos_hat, queue, tau)
+  return -jax.nn.logsumexp(log_p1 + log_p2_t, axis=1)
+
+
+def _log_m_first_n(log_p1, log_p2_t):
+  """log M[:, :N] = log(P1 @ P2[:, :N]) with no N×N×N intermediate: -> [N, N].
+
+  One N×N matmul of exponentials shifted by the per-row max a_i of log P1 and the
+  per-column max b_j of log P2, so every factor is ≤ 1 and the largest term of each sum
+  is ≥ exp(−4/τ) (S values lie in [−1/τ, 1/τ]): no underflow in float32 for τ ≳ 0.05.
+  The floor at float32 `tiny` only guards smaller τ. log M is invariant to the shifts,
+  so they carry no gradient.
+  """
+  a = jax.lax.stop_gradient(jnp.max(log_p1, axis=1))  # [N] over k, per row i
+  b = jax.lax.stop_gradient(jnp.max(log_p2_t, axis=1))  # [N] over k, per column j of P2
+  e1 = jnp.exp(log_p1 - a[:, None])  # [i, k]
+  e2 = jnp.exp(log_p2_t - b[:, None])  # [j, k] = P2_kj · exp(−b_j)
+  prod = jnp.einsum('ik,jk->ij', e1, e2, precision=_HIGHEST)
+  return a[:, None] + b[None, :] + jnp.log(jnp.maximum(prod, _TINY))
+
+
+def _soft_cycle(c_hat, c_pos_hat, target, queue, tau):
+  """Σ_j T_ij (log T_ij − log M_ij) over j < N per pixel (soft cycle): -> [N]."""
+  log_p1, log_p2_t, _ = _cycle_terms(c_hat, c_pos_hat, queue, tau)
+  log_m = _log_m_first_n(log_p1, log_p2_t)
+  # T log T with 0 log 0 = 0; T is a constant, so this only offsets the value to a KL.
+  t_log_t = jnp.where(target > 0, target * jnp.log(jnp.where(target > 0, target, 1.0)), 0.0)
+  return jnp.sum(t_log_t - target * log_m, axis=1)
+
+
+def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = None):
+  """Cycle-attention loss L_C (eqs. 5-6, SPEC §3), hard or soft.
+
+  ĉ = l2n(c), ĉ+ = l2n(c+), S1 = ĉ ĉ+ᵀ/τ [N, N], S2 = ĉ+ [ĉ ; Q_C]ᵀ/τ [N, N+K],
+  M = softmax_rows(S1) softmax_rows(S2) [N, N+K].
+    hard (soft_target None): L_C = mean_{b,i} −log M_ii, with
+      log M_ii = logsumexp_j (log P1_ij + log P2_ji);
+    soft: L_C = mean_{b,i} Σ_{j<N} T_ij (log T_ij − log M_ij), T = `soft_target`.
+  Memory per image is O(N²) + O(N·_QUEUE_CHUNK) (see the module docstring); nothing of
+  size N×N×N or (N×N)·(N+K) is formed.
+
+  Args:
+    c: [B, N, D] online cycle-head map on v.
+    c_pos: [B, N, D] target cycle-head map on v+ (no gradient).
+    queue: [K, D] negatives Q_C appended to the second jump; K may be 0.
+    temperature: τ > 0.
+    soft_target: None (hard cycle) or [B, N, N] row-stochastic T, e.g.
+      `soft_cycle_target(u, u_pos, τ)`; treated as a constant.
+  Returns:
+    float32 scalar.
+  """
+  tau = _temperature('cycle_loss', temperature)
+  c, c_pos = _maps('cycle_loss', 'c', c, c_pos)
+  queue = _queue('cycle_loss', queue, c.shape[-1])
+  c_hat = l2n(c)
+  # Target side: the EMA network gets no gradient from any loss.
+  c_pos_hat = l2n(jax.lax.stop_gradient(c_pos))
+  if soft_target is None:
+    per_pixel = jax.vmap(lambda x, y: _hard_cycle(x, y, queue, tau))(c_hat, c_pos_hat)
+  else:
+    b, n, _ = c.shape
+    soft_target = jnp.asarray(soft_target)
+    if soft_target.shape != (b, n, n):
+      raise ValueError(f'cycle_loss: expected soft_target as a [{b}, {n}, {n}] array, '
+                       f'got shape {soft_target.shape}')
+    target = jax.lax.stop_gradient(soft_target.astype(jnp.float32))
+    per_pixel = jax.vmap(lambda x, y, t: _soft_cycle(x, y, t, queue, tau))(
+        c_hat, c_pos_hat, target)
+  return jnp.mean(per_pixel)
+
+
+def soft_cycle_target(u, u_pos, temperature):
+  """The soft-cycle target T = softmax_rows(û û+ᵀ / τ) (SPEC §3, "soft cycle trick").
+
+  Args: u [B, N, D] online global-head map; u_pos [B, N, D] target global-head map;
+    temperature τ > 0.
+  Returns: [B, N, N] float32, rows sum to 1, gradient-stopped (it is a target).
+  """
+  tau = _temperature('soft_cycle_target', temperature)
+  u, u_pos = _maps('soft_cycle_target', 'u', u, u_pos)
+  logits = _sim(l2n(u), l2n(u_pos), tau)
+  return jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
+
+
+def cycle_back_accuracy(c, c_pos, queue, temperature):
+  """Fraction of pixels i with argmax_j M_ij == i over all N+K columns (eq. 5): f32 scalar.
+
+  A metric for the train step, no gradient. Ties go to the lowest j, so i wins a tie with
+  any later column (every queue column comes after it). Each row of M is rescaled by a
+  positive constant, which leaves its argmax unchanged; the queue columns are scanned in
+  chunks of `_QUEUE_CHUNK` keeping only a running row max. Cost: one N×N×(N+K) matmul
+  per image, so a train step may want it only on logging steps.
+
+  Args: c, c_pos [B, N, D]; queue [K, D]; temperature τ > 0.
+  """
+  tau = _temperature('cycle_back_accuracy', temperature)
+  c, c_pos = _maps('cycle_back_accuracy', 'c', c, c_pos)
+  queue = _queue('cycle_back_accuracy', queue, c.shape[-1])
+  c_hat = l2n(jax.lax.stop_gradient(c))
+  c_pos_hat = l2n(jax.lax.stop_gradient(c_pos))
+
+  def per_image(c_hat, c_pos_hat):
+    n = c_hat.shape[0]
+    log_p1, log_p2_t, r = _cycle_terms(c_hat, c_pos_hat, queue, tau)
+    e1 = jnp.exp(log_p1 - jnp.max(log_p1, axis=1, keepdims=True))  # P1 rows × exp(−a_i)
+    m_self = jnp.einsum('ij,kj->ik', e1, jnp.exp(log_p2_t), precision=_HIGHEST)  # [N, N]
+    first = jnp.argmax(m_self, axis=1) == jnp.arange(n)
+
+    def step(best, rows, valid):
+      p2 = jnp.exp(_sim(c_pos_hat, rows, tau) - r[:, None])  # P2 queue block [j, k]
+      m_q = jnp.einsum('ij,jk->ik', e1, p2, precision=_HIGHEST)
+      return jnp.maximum(best, jnp.max(jnp.where(valid[None, :], m_q, -jnp.inf), axis=1))
+
+    best_queue = _fold_queue(queue, jnp.full((n,), -jnp.inf, jnp.float32), step)
+    return first & (jnp.diagonal(m_self) >= best_queue)
+
+  return jnp.mean(jax.vmap(per_image)(c_hat, c_pos_hat).astype(jnp.float32))

@@ -1,0 +1,43 @@
+"""Pretraining entry point.
+
+    python -m cacl_jax.main --config configs/demo.py --workdir /tmp/cacl_demo
+    python -m cacl_jax.main --config configs/cacl_r18_kinetics.py --workdir DIR --config.data.root=DATA
+    python -m cacl_jax.main --config configs/cacl_r18_kinetics.py:mocov2 --workdir DIR ...   # a variant
+
+Resumes by itself from DIR/checkpoints. Multi-host: on Cloud TPU pods the peers are found
+automatically; elsewhere pass --coordinator_address HOST:PORT --num_processes N --process_id I.
+A config that chains an evaluation (`eval_after`, as configs/demo.py does) runs it afterwards.
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Pretraining config file (file.py or file.py:variant).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, events, figures.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host, non-TPU).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, non-TPU).")
+flags.DEFINE_integer("process_id", None, "This process' id (multi-host, non-TPU).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  # Imported after flag parsing so that `--help` and flag errors are instant.
+  from cacl_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  from cacl_jax.evaluation import demo  # pylint: disable=g-import-not-at-top
+
+  config = FLAGS.config
+  try:
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    train.run(config, FLAGS.workdir)
+  except (train.UsageError, train.TrainingDiverged) as e:
+    sys.exit(f"cacl_jax.main: error: {e}")
+  if config.eval_after:
+    demo.evaluate_after_pretraining(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

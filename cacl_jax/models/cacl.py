@@ -1,0 +1,30 @@
+"""Backbone f + the three heads (paper eq. 2): h = f(v); u, p, c = g_G(h), g_P(h), g_C(h)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cacl_jax.models.heads import Head
+from cacl_jax.models.resnet import ResNet, backbone_from_config
+
+
+class CACL(nn.Module):
+  """x: [B, H, W, 3] → {'h': [B,H/8,W/8,C], 'u','p','c': [B,H/8,W/8,D]}.
+
+  The online and the target network are this same module applied with two parameter trees.
+  """
+  backbone: ResNet
+  embed_dim: int = 128
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    h = self.backbone(x, train)
+    heads = {k: Head(self.embed_dim, self.backbone.dtype, name=f"head_{k.upper()}")
+             for k in ("g", "p", "c")}
+    return {"h": h, "u": heads["g"](h), "p": heads["p"](h), "c": heads["c"](h)}
+
+
+def model_from_config(model_config) -> CACL:
+  return CACL(backbone=backbone_from_config(model_config).clone(name="backbone"),
+              embed_dim=model_config.get("embed_dim", 128))

@@ -1,0 +1,185 @@
+"""Dilated ResNet-18 / ResNet-50 with output stride 8 (SPEC §2), Flax linen.
+
+Layout and names follow torchvision so that torchvision / MoCo-v2 weights map 1:1:
+`conv1, bn1, layer{1..4}_{j}/{conv1,bn1,conv2,bn2[,conv3,bn3],downsample_conv,downsample_bn}`
+(torchvision: `layer1.0.conv1.weight` ↔ `params['layer1_0']['conv1']['kernel']` transposed
+OIHW → HWIO; BN `weight, bias, running_mean, running_var` ↔ `scale, bias` in 'params' and
+`mean, var` in 'batch_stats'). ResNet-50 puts the stride on the 3×3 conv (torchvision v1.5).
+
+Stages 3 and 4 replace their stride 2 by dilation 2 and 4 (DeepLab / PSPNet). As in
+torchvision's `replace_stride_with_dilation`, the first block of a dilated stage uses the
+previous stage's dilation in its first 3×3 conv and the new dilation afterwards.
+
+BatchNorm takes its statistics over fixed groups of `bn_group_size` consecutive samples of the
+global batch (SPEC §2, "BatchNorm groups"), so results do not depend on how many devices the
+batch is sharded over; `bn_group_size=None` is SyncBN over the whole batch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming fan_out
+
+
+class GroupBatchNorm(nn.Module):
+  """BatchNorm whose batch statistics are per group of `group_size` consecutive samples.
+
+  x: [B, ..., C]. Training: each group g normalises with its own mean / biased variance
+  over (samples in g, spatial); the running statistics move towards the average of the
+  group statistics (variance unbiased, like PyTorch). Inference: running statistics.
+  Statistics and normalisation are computed in float32; the output has `dtype`.
+  """
+  group_size: int | None = None
+  momentum: float = 0.9  # = 1 − torch momentum 0.1
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if not train:
+      y = (x32 - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
+      return (y * scale + bias).astype(self.dtype)
+
+    b = x.shape[0]
+    g = self.group_size or b
+    if b % g:
+      raise ValueError(f"BatchNorm group size {g} does not divide the batch of {b} samples "
+                       "(set model.bn_group_size to a divisor of the global batch)")
+    xg = x32.reshape(b // g, g, -1, c)                     # [G, g, HW, C]
+    mean = xg.mean(axis=(1, 2), keepdims=True)              # [G, 1, 1, C]
+    var = jnp.square(xg - mean).mean(axis=(1, 2), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    if not self.is_initializing():
+      n = g * xg.shape[2]
+      unbiased = var.mean(axis=(0, 1, 2)) * n / max(n - 1, 1)
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean.mean(axis=(0, 1, 2))
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    return (y * scale + bias).astype(self.dtype)
+
+
+def _conv(features, kernel, stride=1, dilation=1, dtype=jnp.float32, name=None):
+  pad = dilation * (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 kernel_dilation=(dilation, dilation), padding=((pad, pad), (pad, pad)),
+                 use_bias=False, kernel_init=_conv_init, dtype=dtype, name=name)
+
+
+class BasicBlock(nn.Module):
+  """ResNet-18/34 block: 3×3 → 3×3, identity or 1×1 projection shortcut."""
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  first_dilation: int = 1
+  project: bool = False
+  bn_group_size: int | None = None
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    bn = lambda name: GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name=name)
+    y = _conv(self.planes, 3, self.stride, self.first_dilation, self.dtype, "conv1")(x)
+    y = nn.relu(bn("bn1")(y, train))
+    y = _conv(self.planes, 3, 1, self.dilation, self.dtype, "conv2")(y)
+    y = bn("bn2")(y, train)
+    if self.project:
+      x = _conv(self.planes, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
+      x = bn("downsample_bn")(x, train)
+    return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+  """ResNet-50 block (v1.5: stride on the 3×3): 1×1 → 3×3 → 1×1 (×4)."""
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  first_dilation: int = 1
+  project: bool = False
+  bn_group_size: int | None = None
+  dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    bn = lambda name: GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name=name)
+    y = _conv(self.planes, 1, 1, 1, self.dtype, "conv1")(x)
+    y = nn.relu(bn("bn1")(y, train))
+    y = _conv(self.planes, 3, self.stride, self.first_dilation, self.dtype, "conv2")(y)
+    y = nn.relu(bn("bn2")(y, train))
+    y = _conv(self.planes * 4, 1, 1, 1, self.dtype, "conv3")(y)
+    y = bn("bn3")(y, train)
+    if self.project:
+      x = _conv(self.planes * 4, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
+      x = bn("downsample_bn")(x, train)
+    return nn.relu(y + x)
+
+
+_LAYOUT = {18: (BasicBlock, (2, 2, 2, 2)), 50: (Bottleneck, (3, 4, 6, 3))}
+
+
+class ResNet(nn.Module):
+  """Dilated ResNet, output stride 8.
+
+  x: float [B, H, W, 3] (normalised RGB) → features [B, H/8, W/8, C] with
+  C = 512/width_divisor (ResNet-18) or 2048/width_divisor (ResNet-50).
+  """
+  depth: int = 18
+  width_divisor: int = 1
+  bn_group_size: int | None = None
+  dtype: Any = jnp.float32
+
+  @property
+  def num_features(self) -> int:
+    block, _ = _LAYOUT[self.depth]
+    return 512 // self.width_divisor * block.expansion
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.depth not in _LAYOUT:
+      raise ValueError(f"ResNet depth must be one of {sorted(_LAYOUT)}, got {self.depth}")
+    if x.shape[1] % 8 or x.shape[2] % 8:
+      raise ValueError(f"image side must be a multiple of the output stride 8, got {x.shape[1:3]}")
+    block, counts = _LAYOUT[self.depth]
+    w = 64 // self.width_divisor
+    x = x.astype(self.dtype)
+    x = _conv(w, 7, 2, 1, self.dtype, "conv1")(x)
+    x = nn.relu(GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name="bn1")(x, train))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    in_ch, dilation = w, 1
+    # (stride, dilate) per stage: stages 3 and 4 trade their stride for dilation.
+    for stage, (count, (stride, dilate)) in enumerate(
+        zip(counts, [(1, False), (2, False), (2, True), (2, True)]), start=1):
+      planes = w * 2 ** (stage - 1)
+      prev = dilation
+      if dilate:
+        dilation, stride = dilation * stride, 1
+      for j in range(count):
+        s = stride if j == 0 else 1
+        out_ch = planes * block.expansion
+        x = block(planes, stride=s, dilation=dilation,
+                  first_dilation=prev if j == 0 else dilation,
+                  project=(j == 0 and (s != 1 or in_ch != out_ch)),
+                  bn_group_size=self.bn_group_size, dtype=self.dtype,
+                  name=f"layer{stage}_{j}")(x, train)
+        in_ch = out_ch
+    return x
+
+
+def backbone_from_config(model_config) -> ResNet:
+  """`model.backbone` ('resnet18' | 'resnet50'), `model.width_divisor`, `model.dtype`, BN mode."""
+  name = model_config.backbone
+  if name not in ("resnet18", "resnet50"):
+    raise ValueError(f"model.backbone must be 'resnet18' or 'resnet50', got {name!r}")
+  group = None if model_config.get("bn_mode", "group") == "sync" else model_config.get("bn_group_size", None)
+  return ResNet(depth=int(name[len("resnet"):]), width_divisor=model_config.get("width_divisor", 1),
+                bn_group_size=group, dtype=jnp.dtype(model_config.get("dtype", "float32")))

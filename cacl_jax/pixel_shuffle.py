@@ -1,0 +1,35 @@
+"""Pixel shuffle (paper eq. 7, SPEC §2): per-image cyclic rolls that hide absolute position.
+
+Each image b is rolled by its own (a_b, c_b), independent multiples of the output stride, so
+that after the network the feature map can be rolled back *exactly* by (a_b/8, c_b/8): every
+pixel gets the same chance to see the zero padding and position cannot leak into the heads.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+OUTPUT_STRIDE = 8
+
+
+def draw_rolls(key: jax.Array, batch: int, height: int, width: int,
+               stride: int = OUTPUT_STRIDE) -> jax.Array:
+  """int32 [B, 2]: (a, b) with a ∈ {0, s, 2s, …} < H and b likewise < W, drawn independently."""
+  ka, kb = jax.random.split(key)
+  a = jax.random.randint(ka, (batch,), 0, height // stride) * stride
+  b = jax.random.randint(kb, (batch,), 0, width // stride) * stride
+  return jnp.stack([a, b], axis=-1).astype(jnp.int32)
+
+
+def _roll2d(x: jax.Array, shift: jax.Array) -> jax.Array:
+  return jnp.roll(x, (shift[0], shift[1]), axis=(0, 1))
+
+
+def roll_images(x: jax.Array, rolls: jax.Array) -> jax.Array:
+  """x: [B, H, W, C]. Eq. 7: X'_{i,j} = X_{(i+a) mod H, (j+b) mod W}."""
+  return jax.vmap(_roll2d)(x, -rolls)
+
+
+def unroll_features(f: jax.Array, rolls: jax.Array, stride: int = OUTPUT_STRIDE) -> jax.Array:
+  """f: [B, h, w, C] computed on rolled images → aligned with the unrolled images again."""
+  return jax.vmap(_roll2d)(f, rolls // stride)

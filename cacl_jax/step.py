@@ -1,0 +1,230 @@
+"""The CACL train state and the one jitted, sharded train step (SPEC §2–§5).
+
+One step, in order (MoCo-v2 order; the EMA of step t−1 is the target of step t):
+  1. device-side photometric augmentation of v and v+ (independent per image and frame);
+  2. target on v+ — pixel shuffle, shuffle-BN permutation, forward with the EMA parameters
+     and BN in training mode (its own running statistics move), un-permute, roll back;
+     stop-gradient: the target gets no gradient;
+  3. online on v — pixel shuffle, forward, roll back; the three losses against the queues;
+  4. LARS update of the online parameters; EMA of the target parameters;
+  5. enqueue k, and `queue.pixels_per_image` random pixels of p̂+ / ĉ+ per image.
+
+All randomness is drawn from the state's key for the *global* batch, and BN statistics are
+taken over fixed sample groups (`model.bn_group_size`), so the step computes the same numbers
+on any number of devices: sharding only decides where the work runs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cacl_jax import ema, losses, pixel_shuffle, queue
+from cacl_jax.data import augment
+from cacl_jax.parallel import DATA
+
+HEADS = ("global", "pixel", "cycle")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array               # int32 []
+  params: Any                   # online θo
+  batch_stats: Any              # online BN running statistics
+  target_params: Any            # θt, EMA of θo
+  target_batch_stats: Any       # the target's own running statistics
+  opt_state: Any
+  queues: dict[str, jax.Array]  # head → float32 [K, D] unit vectors, sharded along K
+  queue_ptrs: dict[str, jax.Array]  # head → int32 [], the oldest entry
+  rng: jax.Array                # uint32 key data
+
+
+def enqueue_counts(config) -> dict[str, int]:
+  """Rows each queue receives per step: B for Q_G, B·pixels_per_image for Q_P and Q_C."""
+  b, ppi = config.batch_size, config.queue.pixels_per_image
+  return {"global": b, "pixel": b * ppi, "cycle": b * ppi}
+
+
+def check_config(config) -> None:
+  for head, n in enqueue_counts(config).items():
+    queue.check_size(config.queue.size, n, head)
+  size = config.data.image_size
+  if size % pixel_shuffle.OUTPUT_STRIDE:
+    raise ValueError(f"data.image_size={size} must be a multiple of the output stride 8")
+  if config.model.get("bn_mode", "group") == "group" and config.batch_size % config.model.bn_group_size:
+    raise ValueError(f"model.bn_group_size={config.model.bn_group_size} must divide "
+                     f"batch_size={config.batch_size}")
+  if config.loss.pixel_match not in ("global", "same_position"):
+    raise ValueError(f"loss.pixel_match must be 'global' or 'same_position', got {config.loss.pixel_match!r}")
+  if not any(config.loss.weights[h] for h in HEADS):
+    raise ValueError("loss.weights: at least one head needs a non-zero weight")
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, config, seed: int) -> TrainState:
+  """A fresh state (call under jit with out_shardings to create it already sharded)."""
+  key = jax.random.key(seed)
+  k_init, k_q, k_state = jax.random.split(key, 3)
+  size = config.data.image_size
+  # The smallest batch the BN grouping accepts: init only needs shapes.
+  init_batch = config.model.bn_group_size if config.model.get("bn_mode", "group") == "group" else 1
+  variables = model.init(k_init, jnp.zeros((init_batch, size, size, 3)), train=True)
+  params, stats = variables["params"], variables["batch_stats"]
+  dim = model.embed_dim
+  queues = {h: queue.init(k, config.queue.size, dim) for h, k in zip(HEADS, jax.random.split(k_q, 3))}
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+      target_params=jax.tree.map(jnp.copy, params), target_batch_stats=jax.tree.map(jnp.copy, stats),
+      opt_state=tx.init(params), queues=queues,
+      queue_ptrs={h: jnp.zeros((), jnp.int32) for h in HEADS},
+      rng=jax.random.key_data(k_state))
+
+
+def _flat(x: jax.Array) -> jax.Array:
+  """[B, h, w, D] → [B, N, D]."""
+  return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def forward(model: nn.Module, params, batch_stats, x: jax.Array, rolls: jax.Array | None,
+            perm: jax.Array | None) -> tuple[dict[str, jax.Array], Any]:
+  """One network pass in training mode with pixel shuffle and (optionally) shuffle-BN.
+
+  x: float [B, H, W, 3]; rolls: int32 [B, 2] or None; perm: int32 [B] or None.
+  Returns the maps {'h','u','p','c'} aligned with x, and the updated BN statistics.
+  """
+  if rolls is not None:
+    x = pixel_shuffle.roll_images(x, rolls)
+  if perm is not None:
+    x = x[perm]           # shuffle-BN: BN groups see a fresh mix of samples every step
+  out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                             mutable=["batch_stats"])
+  if perm is not None:
+    inverse = jnp.argsort(perm)
+    out = {k: v[inverse] for k, v in out.items()}
+  if rolls is not None:
+    out = {k: pixel_shuffle.unroll_features(v, rolls) for k, v in out.items()}
+  return out, mutated["batch_stats"]
+
+
+def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues, config
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L = w_G·L_G + w_P·L_P + w_C·L_C (SPEC §3). A head with weight 0 is not computed."""
+  u, p, c = (_flat(out[k]) for k in "upc")
+  u_pos, p_pos, c_pos = (jax.lax.stop_gradient(_flat(out_pos[k])) for k in "upc")
+  w, tau = config.loss.weights, config.loss.temperature
+  zero = jnp.zeros((), jnp.float32)
+  terms = {h: zero for h in HEADS}
+  if w["global"]:
+    terms["global"] = losses.global_loss(u, u_pos, queues["global"], tau["global"])
+  if w["pixel"]:
+    terms["pixel"] = losses.pixel_loss(p, p_pos, u, u_pos, queues["pixel"], tau["pixel"],
+                                       match=config.loss.pixel_match)
+  if w["cycle"]:
+    q_c = queues["cycle"] if config.loss.cycle_negatives else queues["cycle"][:0]
+    soft = losses.soft_cycle_target(u, u_pos, tau["cycle"]) if config.loss.soft_cycle else None
+    terms["cycle"] = losses.cycle_loss(c, c_pos, q_c, tau["cycle"], soft_target=soft)
+  total = sum(w[h] * terms[h] for h in HEADS)
+  return total, {f"loss_{h}": terms[h] for h in HEADS}
+
+
+def _pick_pixels(key: jax.Array, x: jax.Array, count: int) -> jax.Array:
+  """count random pixels per image of x [B, N, D] → [B·count, D] (image-major order)."""
+  idx = jax.random.randint(key, (x.shape[0], count), 0, x.shape[1])
+  return jnp.take_along_axis(x, idx[..., None], axis=1).reshape(-1, x.shape[-1])
+
+
+def new_keys(key: jax.Array, out_pos: dict[str, jax.Array], config) -> dict[str, jax.Array]:
+  """SPEC §4: Q_G ← k = l2n(mean_i u+_i); Q_P, Q_C ← random pixels of p̂+ / ĉ+."""
+  k_p, k_c = jax.random.split(key)
+  u_pos, p_pos, c_pos = (_flat(out_pos[k]).astype(jnp.float32) for k in "upc")
+  ppi = config.queue.pixels_per_image
+  return {"global": losses.l2n(losses.l2n(u_pos).mean(axis=1)),
+          "pixel": _pick_pixels(k_p, losses.l2n(p_pos), ppi),
+          "cycle": _pick_pixels(k_c, losses.l2n(c_pos), ppi)}
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, config
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """batch: {'v', 'v_pos'}: uint8 [B, S, S, 3] (host-cropped pairs). Pure; jit it."""
+  key = jax.random.wrap_key_data(state.rng)
+  key, k_aug, k_aug_pos, k_roll, k_roll_pos, k_perm, k_enq = jax.random.split(key, 7)
+  v = augment.photometric(k_aug, batch["v"])
+  v_pos = augment.photometric(k_aug_pos, batch["v_pos"])
+  b, hgt, wid = v.shape[:3]
+  shuffle = config.model.pixel_shuffle
+  rolls = pixel_shuffle.draw_rolls(k_roll, b, hgt, wid) if shuffle else None
+  rolls_pos = pixel_shuffle.draw_rolls(k_roll_pos, b, hgt, wid) if shuffle else None
+
+  # Target on v+: no gradient ever reaches θt (stop_gradient here and inside the losses).
+  perm = jax.random.permutation(k_perm, b) if config.model.get("bn_mode", "group") == "group" else None
+  out_pos, target_stats = forward(model, state.target_params, state.target_batch_stats,
+                                  v_pos, rolls_pos, perm)
+  out_pos = jax.lax.stop_gradient(out_pos)
+
+  def loss_fn(params):
+    out, stats = forward(model, params, state.batch_stats, v, rolls, None)
+    total, terms = cacl_losses(out, out_pos, state.queues, config)
+    return total, (terms, stats, out)
+
+  (total, (terms, stats, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  m = ema.momentum_at(state.step, config.total_steps, config.model.ema_momentum,
+                      config.model.get("ema_cosine", False))
+  target_params = ema.update(state.target_params, params, m)
+
+  queues, ptrs = dict(state.queues), dict(state.queue_ptrs)
+  for head, keys in new_keys(k_enq, out_pos, config).items():
+    queues[head], ptrs[head] = queue.enqueue(queues[head], ptrs[head], keys)
+
+  q_c = state.queues["cycle"] if config.loss.cycle_negatives else state.queues["cycle"][:0]
+  metrics = {
+      "loss": total, **terms,
+      "cycle_acc": losses.cycle_back_accuracy(_flat(out["c"]), _flat(out_pos["c"]), q_c,
+                                              config.loss.temperature["cycle"]),
+      "pixel_match_acc": losses.pixel_match_accuracy(_flat(out["u"]), _flat(out_pos["u"])),
+      "lr": schedule(state.step), "ema_momentum": m,
+  }
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                            target_params=target_params, target_batch_stats=target_stats,
+                            opt_state=opt_state, queues=queues, queue_ptrs=ptrs,
+                            rng=jax.random.key_data(key))
+  return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+
+
+# ---------------------------------------------------------------- sharding & jit
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+  """Replicated everywhere except the queues, which are split along K over 'data'."""
+  rep = NamedSharding(mesh, P())
+  shardings = jax.tree.map(lambda _: rep, abstract_state)
+  return shardings.replace(queues={h: NamedSharding(mesh, P(DATA, None)) for h in abstract_state.queues})
+
+
+def check_queue_sharding(config, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if config.queue.size % n:
+    raise ValueError(f"queue.size={config.queue.size} must be divisible by the {n} devices "
+                     "(the queues are sharded along K)")
+
+
+def create_state(model, tx, config, mesh: Mesh, seed: int) -> tuple[TrainState, TrainState]:
+  """Builds the state already sharded: eval_shape → shardings → jit(init, out_shardings).
+  Returns (state, its shardings)."""
+  check_queue_sharding(config, mesh)
+  init = lambda: init_state(model, tx, config, seed)
+  shardings = state_shardings(jax.eval_shape(init), mesh)
+  return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def jit_train_step(model, tx, schedule, config, mesh: Mesh, shardings: TrainState) -> Callable:
+  """jit(train_step) over the mesh: batch split on 'data', state donated, metrics replicated."""
+  batch_sharding = NamedSharding(mesh, P(DATA))
+  step = lambda s, b: train_step(s, b, model=model, tx=tx, schedule=schedule, config=config)
+  return jax.jit(step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)

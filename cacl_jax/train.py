@@ -1,0 +1,206 @@
+"""Pretraining: the one thin stateful loop around the pure train step.
+
+Reads top to bottom in sections: validate → mesh → input → model and state → restore →
+loop (step, log, figure, checkpoint, SIGTERM) → finish. Everything numeric lives in
+`step.py`, `losses.py`, `queue.py`, `ema.py`; this file only moves data and writes files.
+
+Files in WORKDIR:
+  checkpoints/S/      Orbax (state + grain iterator + config); the newest N are kept
+  metrics.jsonl       one JSON object per logged step: step, loss, loss_global, loss_pixel,
+                      loss_cycle, cycle_acc, pixel_match_acc, lr, steps_per_sec, ...
+  events.out.tfevents.*  TensorBoard scalars (tensorboardX, no TensorFlow)
+  figures/affinity_S.png  the paper's Fig. 3 for the current networks
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cacl_jax import checkpoint, optim, parallel, step as step_lib, viz
+from cacl_jax.data import augment, pipeline
+from cacl_jax.models.cacl import model_from_config
+
+
+class UsageError(ValueError):
+  """A config, device or data problem found before any work; main prints it as one line."""
+
+
+class TrainingDiverged(RuntimeError):
+  """A logged loss was NaN or inf: the run stops; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(config: ml_collections.ConfigDict, mesh) -> None:
+  """Every check that can fail fast, before any data is read or any array is built."""
+  parallel.check_batch_size(config.batch_size, mesh)
+  step_lib.check_config(config)
+  step_lib.check_queue_sharding(config, mesh)
+  for key in ("total_steps", "checkpoint_every_steps", "log_every_steps"):
+    if int(config[key]) <= 0:
+      raise ValueError(f"{key} must be positive, got {config[key]}")
+  if config.data.name != "synthetic" and not os.path.isdir(config.data.root or ""):
+    raise FileNotFoundError(f"data.root={config.data.root!r} is not a directory: prepare the data with "
+                            f"`python -m cacl_jax.prepare_data {config.data.name} --src RAW --out DATA` "
+                            "and pass --config.data.root=DATA")
+
+
+# ---------------------------------------------------------------- logging
+
+class Logger:
+  """metrics.jsonl + TensorBoard + console (process 0 only)."""
+
+  def __init__(self, workdir: str, total_steps: int):
+    self.active = jax.process_index() == 0
+    self.total = total_steps
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.writer = None
+    if self.active:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.writer = SummaryWriter(workdir)
+
+  def log(self, step: int, metrics: dict[str, float], rate: float) -> None:
+    if not self.active:
+      return
+    record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "steps_per_sec": rate}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step":
+        self.writer.add_scalar(f"train/{k}", v, step)
+    self.writer.flush()
+    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    heads = " ".join(f"{h[0].upper()}={record['loss_' + h]:.3f}" for h in step_lib.HEADS)
+    print(f"[{step:>7d}/{self.total}] loss {record['loss']:.4f} ({heads}) "
+          f"cyc-acc {record['cycle_acc']:.3f} match {record['pixel_match_acc']:.3f} "
+          f"lr {record['lr']:.4g} | {rate:.2f} steps/s, ETA {_duration(eta)}", flush=True)
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _drop_logs_after(workdir: str, step: int) -> None:
+  """On resume, metrics logged after the restored checkpoint are logged again: keep one copy."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+  with open(path, "w") as f:
+    f.writelines(kept)
+
+
+# ---------------------------------------------------------------- figures
+
+def make_affinity_probe(model):
+  """jit: online network (running BN statistics) on v and v+ → the three head maps."""
+  def probe(params, batch_stats, v, v_pos):
+    x = augment.normalize(jnp.concatenate([v, v_pos]))
+    out = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    return {h: jnp.stack([out[k][0], out[k][v.shape[0]]]) for h, k in zip(step_lib.HEADS, "upc")}
+  return jax.jit(probe)
+
+
+def save_affinity_figure(probe, state, host_batch, workdir: str, step: int) -> str:
+  v, v_pos = host_batch["v"][:1], host_batch["v_pos"][:1]
+  maps = parallel.to_host(probe(state.params, state.batch_stats, v, v_pos))
+  size = v.shape[1]
+  path = os.path.join(workdir, "figures", f"affinity_{step:07d}.png")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  return viz.affinity_figure(v[0], v_pos[0], maps, (size // 2, size // 2), path)
+
+
+# ---------------------------------------------------------------- the run
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
+  # ---- mesh and checks: any config error surfaces here, before work.
+  mesh = parallel.make_mesh()
+  try:
+    validate(config, mesh)
+    # ---- input: this process' shard of each global batch.
+    dataset = pipeline.make_pretrain_dataset(
+        config.data, global_batch_size=config.batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), seed=config.seed)
+  except (ValueError, FileNotFoundError) as e:
+    raise UsageError(str(e)) from e
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("mesh: %d devices over %d processes", mesh.devices.size, jax.process_count())
+  data_iter = iter(dataset)
+
+  # ---- model, optimiser, state created already sharded.
+  model = model_from_config(config.model)
+  tx, schedule = optim.make_optimizer(config)
+  state, shardings = step_lib.create_state(model, tx, config, mesh, config.seed)
+  train_step = step_lib.jit_train_step(model, tx, schedule, config, mesh, shardings)
+
+  # ---- restore: the newest checkpoint of this workdir, onto this run's shardings.
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  start = mngr.latest_step()
+  if start is not None:
+    state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state, shardings), data_iter)
+    _drop_logs_after(workdir, start)
+    print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{start}", flush=True)
+  start = int(start or 0)
+
+  # ---- SIGTERM (preemption): finish the step in flight, save it, exit cleanly.
+  stop = {"flag": False}
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
+
+  logger = Logger(workdir, config.total_steps)
+  probe = make_affinity_probe(model) if config.viz_every_steps else None
+  last, saved_step = {}, start
+  window_start, window_steps = time.perf_counter(), 0
+  try:
+    for step in range(start + 1, config.total_steps + 1):
+      host_batch = next(data_iter)
+      state, metrics = train_step(state, parallel.host_to_global(mesh, host_batch))
+      window_steps += 1
+
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        last = {k: float(v) for k, v in parallel.to_host(metrics).items()}
+        if not all(math.isfinite(v) for v in last.values()):
+          raise TrainingDiverged(
+              f"non-finite metrics at step {step}: {last}; the last good checkpoint "
+              f"(step {saved_step}) is kept in {checkpoint.checkpoint_dir(workdir)}")
+        rate = window_steps / (time.perf_counter() - window_start)
+        logger.log(step, last, rate)
+        window_start, window_steps = time.perf_counter(), 0
+
+      if probe is not None and step % config.viz_every_steps == 0 and jax.process_index() == 0:
+        save_affinity_figure(probe, state, host_batch, workdir, step)
+
+      final = step == config.total_steps
+      if step % config.checkpoint_every_steps == 0 or final or stop["flag"]:
+        loss = float(parallel.to_host(metrics)["loss"])
+        if not math.isfinite(loss):
+          raise TrainingDiverged(f"non-finite loss at step {step}; the last good checkpoint "
+                                 f"(step {saved_step}) is kept")
+        checkpoint.save(mngr, step, state, data_iter, config, force=True)
+        saved_step = step
+      if stop["flag"]:
+        print(f"SIGTERM: saved step {step}, exiting", flush=True)
+        break
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    logger.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+  return last
