@@ -90,7 +90,7 @@ def main():
     head = probe.make_head(args.num_classes)
     head_params = head.init(jax.random.key(0),
                             jnp.zeros((1, 1, 1, backbone.num_features)))["params"]
-    tx = probe.make_optimizer(ml_collections.ConfigDict({"learning_rate": 0.1}), 1000)
+    tx, _ = probe.make_optimizer(ml_collections.ConfigDict({"learning_rate": 0.1}), 1000)
     trainable = {"head": head_params, **({"backbone": params} if finetune else {})}
     state = jax.device_put(probe.ProbeState(
         step=jnp.zeros((), jnp.int32), head=head_params, backbone=params, batch_stats=stats,

@@ -17,8 +17,21 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry
+
+# Orbax writes a replicated array "replica-parallel": one slice per replica, each slice a
+# dispatched device op. For a ResNet state (hundreds of small replicated arrays, 8 replicas)
+# that costs seconds per save on a CPU host (5.5 s of a 6 s save in the tests) and buys
+# nothing for arrays this small: only slices of at least 1 MiB are worth splitting. The
+# handler is otherwise Orbax's default; replaced quietly (no log line on every start).
+type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
+    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20,
+                                              array_metadata_store=array_metadata_store.Store()),
+    override=True, ignore_warnings=True)
 
 
 def _grain_args():
@@ -27,7 +40,9 @@ def _grain_args():
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  """WORKDIR/checkpoints; WORKDIR may be local or a URL such as gs://bucket/run (TPU pods)."""
+  base = workdir if "://" in str(workdir) else os.path.abspath(workdir)
+  return str(epath.Path(base) / "checkpoints")
 
 
 def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -65,11 +80,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterato
 
 
 def read_config(workdir: str, step: int) -> ml_collections.ConfigDict:
-  path = os.path.join(checkpoint_dir(workdir), str(step), "config", "metadata")
-  if not os.path.exists(path):
+  path = epath.Path(checkpoint_dir(workdir)) / str(step) / "config" / "metadata"
+  if not path.exists():
     raise FileNotFoundError(f"no saved config at {path}")
-  with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
 
 
 def _tuples(tree):
@@ -102,7 +116,7 @@ def restore_pretrained(pretrain_workdir: str, step: int | None = None) -> Pretra
   from cacl_jax import optim, parallel, step as step_lib  # pylint: disable=g-import-not-at-top
   from cacl_jax.models.cacl import model_from_config  # pylint: disable=g-import-not-at-top
 
-  if not os.path.isdir(checkpoint_dir(pretrain_workdir)):
+  if not epath.Path(checkpoint_dir(pretrain_workdir)).is_dir():
     raise FileNotFoundError(f"no checkpoints under {checkpoint_dir(pretrain_workdir)}: "
                             "pass the --workdir of a pretraining run as pretrained")
   mngr = manager(pretrain_workdir, read_only=True)
@@ -124,5 +138,5 @@ def restore_pretrained(pretrain_workdir: str, step: int | None = None) -> Pretra
   mngr.close()
   host = lambda t: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), t)
   return Pretrained(params=host(state.params["backbone"]), batch_stats=host(state.batch_stats["backbone"]),
-                    step=step, path=os.path.join(checkpoint_dir(pretrain_workdir), str(step)),
+                    step=step, path=str(epath.Path(checkpoint_dir(pretrain_workdir)) / str(step)),
                     config=config)

@@ -33,6 +33,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.data.synthetic.num_videos = 100_000
   c.data.synthetic.num_frames = 32
   c.data.synthetic.frame_size = 96
+  c.data.synthetic.seed = 0
+  c.data.synthetic.num_objects = (3, 5)   # objects per video (min, max)
 
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "resnet18"   # 'resnet18' | 'resnet50'

@@ -14,11 +14,7 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
-
-from cacl_jax import parallel
-from cacl_jax.evaluation import probe
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.",
                                           lock_config=True)
@@ -29,15 +25,30 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' id.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with config mistakes (an unknown --config.KEY, a value of the wrong
+  type) reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"linear_eval: error: {e} (--helpfull lists the flags)")
+  except (AttributeError, KeyError) as e:
+    sys.exit(f"linear_eval: error: unknown config key {e} (the config file lists its keys)")
+  except (TypeError, ValueError) as e:
+    sys.exit(f"linear_eval: error: bad --config override: {e}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Imported after flag parsing, so that --help and flag mistakes answer at once.
+  from cacl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from cacl_jax.evaluation import probe  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     results = probe.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     # Configuration / input mistakes: one clear line, no traceback.
-    logging.error("%s", e)
     print(f"linear_eval: error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"mIoU {results['miou']:.1f}  mAcc {results['macc']:.1f}  "
@@ -45,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -23,6 +23,25 @@ flags.DEFINE_integer("process_id", None, "This process' id (multi-host, non-TPU)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every flag error as one `cacl_jax.main: error:` line.
+
+  An unknown `--config.KEY` makes ml_collections raise AttributeError / KeyError from inside
+  the parser (a traceback, by default); a malformed value raises flags.Error.
+  """
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"cacl_jax.main: error: {e}")
+  except (AttributeError, KeyError) as e:
+    while e.args and isinstance(e.args[0], BaseException):   # AttributeError(KeyError(msg))
+      e = e.args[0]
+    key = "; ".join(str(e.args[0] if e.args else e).splitlines())   # 'key' [; Did you mean ...]
+    given = " ".join(a for a in argv[1:] if a.startswith("--config."))
+    sys.exit(f"cacl_jax.main: error: unknown config key {key} in {given} "
+             "(every key: cacl_jax/defaults.py and the --config file)")
+
+
 def main(argv):
   del argv
   # Imported after flag parsing so that `--help` and flag errors are instant.
@@ -40,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

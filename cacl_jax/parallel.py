@@ -5,6 +5,9 @@ the negative queues along K, everything else is replicated.
 """
 from __future__ import annotations
 
+import glob
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -30,9 +33,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def _on_tpu_pod() -> bool:
-  import os  # pylint: disable=g-import-not-at-top
-  return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
-              or os.environ.get("CLOUD_TPU_TASK_ID"))
+  """A Cloud TPU VM: TPU device files (/dev/accel* up to v4, /dev/vfio/N from v5) or the pod
+  variables GKE / multislice set. jax.distributed.initialize() then reads the pod's layout
+  from the TPU metadata server (one host is a 1-process 'pod')."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+              or os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

@@ -183,10 +183,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     queues[head], ptrs[head] = queue.enqueue(queues[head], ptrs[head], keys)
 
   q_c = state.queues["cycle"] if config.loss.cycle_negatives else state.queues["cycle"][:0]
+  # The cycle-back accuracy needs M = P1 P2 (N²·(N+K) flops an image): a metric, so it is
+  # measured on ≤ 8 images spread over the batch (and so over the devices), not all B.
+  every = max(1, b // 8)
   metrics = {
       "loss": total, **terms,
-      "cycle_acc": losses.cycle_back_accuracy(_flat(out["c"]), _flat(out_pos["c"]), q_c,
-                                              config.loss.temperature["cycle"]),
+      "cycle_acc": losses.cycle_back_accuracy(_flat(out["c"])[::every], _flat(out_pos["c"])[::every],
+                                              q_c, config.loss.temperature["cycle"]),
       "pixel_match_acc": losses.pixel_match_accuracy(_flat(out["u"]), _flat(out_pos["u"])),
       "lr": schedule(state.step), "ema_momentum": m,
   }

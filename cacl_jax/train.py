@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import time
 
 import jax
@@ -24,6 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from cacl_jax import checkpoint, optim, parallel, step as step_lib, viz
 from cacl_jax.data import augment, pipeline
@@ -45,6 +48,7 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
   parallel.check_batch_size(config.batch_size, mesh)
   step_lib.check_config(config)
   step_lib.check_queue_sharding(config, mesh)
+  optim.learning_rate_schedule(config)
   for key in ("total_steps", "checkpoint_every_steps", "log_every_steps"):
     if int(config[key]) <= 0:
       raise ValueError(f"{key} must be positive, got {config[key]}")
@@ -62,7 +66,7 @@ class Logger:
   def __init__(self, workdir: str, total_steps: int):
     self.active = jax.process_index() == 0
     self.total = total_steps
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self.writer = None
     if self.active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -72,7 +76,7 @@ class Logger:
     if not self.active:
       return
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "steps_per_sec": rate}
-    with open(self.path, "a") as f:
+    with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     for k, v in record.items():
       if k != "step":
@@ -98,13 +102,12 @@ def _duration(seconds: float) -> str:
 
 def _drop_logs_after(workdir: str, step: int) -> None:
   """On resume, metrics logged after the restored checkpoint are logged again: keep one copy."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if jax.process_index() != 0 or not os.path.exists(path):
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if jax.process_index() != 0 or not path.exists():
     return
-  with open(path) as f:
-    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  with open(path, "w") as f:
-    f.writelines(kept)
+  kept = [line for line in path.read_text().splitlines(keepends=True)
+          if line.strip() and json.loads(line)["step"] <= step]
+  path.write_text("".join(kept))
 
 
 # ---------------------------------------------------------------- figures
@@ -122,9 +125,37 @@ def save_affinity_figure(probe, state, host_batch, workdir: str, step: int) -> s
   v, v_pos = host_batch["v"][:1], host_batch["v_pos"][:1]
   maps = parallel.to_host(probe(state.params, state.batch_stats, v, v_pos))
   size = v.shape[1]
-  path = os.path.join(workdir, "figures", f"affinity_{step:07d}.png")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  return viz.affinity_figure(v[0], v_pos[0], maps, (size // 2, size // 2), path)
+  path = epath.Path(workdir) / "figures" / f"affinity_{step:07d}.png"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:  # matplotlib writes local files; workdir may be gs://
+    local = viz.affinity_figure(v[0], v_pos[0], maps, (size // 2, size // 2),
+                                os.path.join(tmp, path.name))
+    path.write_bytes(epath.Path(local).read_bytes())
+  return str(path)
+
+
+# ---------------------------------------------------------------- initialisation
+
+def _init_backbone_from(state: step_lib.TrainState, pretrain_workdir: str, shardings):
+  """A fresh run starts θo and θt's backbone (and BN statistics) from another pretraining
+  run's online backbone, e.g. the ImageNet stage of the R50 IN+Kinetics rows (paper Table 2).
+  The heads, queues and optimiser start fresh."""
+  pre = checkpoint.restore_pretrained(pretrain_workdir)
+  def put(tree, sub, sharding_tree):
+    merged = {**tree, "backbone": sub}
+    return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), merged, sharding_tree)
+  try:
+    same = jax.tree.map(lambda a, b: a.shape == b.shape, pre.params, state.params["backbone"])
+    if not all(jax.tree.leaves(same)):
+      raise ValueError("parameter shapes differ")
+    params = put(state.params, pre.params, shardings.params)
+    stats = put(state.batch_stats, pre.batch_stats, shardings.batch_stats)
+  except ValueError as e:
+    raise UsageError(f"model.init_from={pretrain_workdir!r}: its backbone does not match this "
+                     f"model ({e})") from e
+  print(f"initialised the backbone from {pre.path} (step {pre.step})", flush=True)
+  return state.replace(params=params, batch_stats=stats, target_params=jax.tree.map(jnp.copy, params),
+                       target_batch_stats=jax.tree.map(jnp.copy, stats))
 
 
 # ---------------------------------------------------------------- the run
@@ -136,12 +167,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   try:
     validate(config, mesh)
     # ---- input: this process' shard of each global batch.
+    skips = pipeline.SkipReport()  # undecodable videos: replaced, counted, named, never fatal
     dataset = pipeline.make_pretrain_dataset(
         config.data, global_batch_size=config.batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), seed=config.seed)
+        process_count=jax.process_count(), seed=config.seed, skip_report=skips)
   except (ValueError, FileNotFoundError) as e:
     raise UsageError(str(e)) from e
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   logging.info("mesh: %d devices over %d processes", mesh.devices.size, jax.process_count())
   data_iter = iter(dataset)
 
@@ -158,11 +190,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state, shardings), data_iter)
     _drop_logs_after(workdir, start)
     print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{start}", flush=True)
+  elif config.model.get("init_from"):
+    state = _init_backbone_from(state, config.model.init_from, shardings)
   start = int(start or 0)
 
-  # ---- SIGTERM (preemption): finish the step in flight, save it, exit cleanly.
+  # ---- SIGTERM (preemption): finish the step in flight, save it, exit cleanly. Several
+  # processes must all stop at the same step (the step and the save are collectives), and a
+  # signal reaches each at its own step: there JAX's preemption service (started by
+  # jax.distributed.initialize, it catches SIGTERM itself) agrees on the step.
   stop = {"flag": False}
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
+  multihost = jax.process_count() > 1
+  if not multihost:
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
 
   logger = Logger(workdir, config.total_steps)
   probe = make_affinity_probe(model) if config.viz_every_steps else None
@@ -173,9 +212,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       host_batch = next(data_iter)
       state, metrics = train_step(state, parallel.host_to_global(mesh, host_batch))
       window_steps += 1
+      if multihost:
+        stop["flag"] = multihost_utils.reached_preemption_sync_point(step)
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
         last = {k: float(v) for k, v in parallel.to_host(metrics).items()}
+        last["skipped_pairs"] = float(skips.count)
         if not all(math.isfinite(v) for v in last.values()):
           raise TrainingDiverged(
               f"non-finite metrics at step {step}: {last}; the last good checkpoint "
@@ -201,6 +243,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   finally:
     mngr.wait_until_finished()
     mngr.close()
+    if skips.count:
+      print(f"data: {skips.summary()}", flush=True)
     logger.close()
-    signal.signal(signal.SIGTERM, previous_handler)
+    if not multihost:
+      signal.signal(signal.SIGTERM, previous_handler)
   return last

@@ -241,13 +241,22 @@ def test_random_backbone_calibrates_bn_statistics():
                              rtol=1e-3, atol=1e-5)
 
 
-def test_cli_reports_a_missing_pretrained_dir_in_one_line(tmp_path):
-  out = subprocess.run(
-      [sys.executable, "-m", "cacl_jax.linear_eval",
-       "--config", os.path.join(ROOT, "configs", "linear_eval_synthetic.py"),
-       "--workdir", str(tmp_path / "w"), f"--config.pretrained={tmp_path / 'nowhere'}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert out.returncode == 2
-  assert "linear_eval: error: no checkpoints under" in out.stderr
-  assert "Traceback" not in out.stderr
+def test_cli_reports_mistakes_in_one_line(tmp_path):
+  def run(*overrides):
+    return subprocess.run(
+        [sys.executable, "-m", "cacl_jax.linear_eval",
+         "--config", os.path.join(ROOT, "configs", "linear_eval_synthetic.py"),
+         "--workdir", str(tmp_path / "w"), *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+  missing = run(f"--config.pretrained={tmp_path / 'nowhere'}")
+  assert missing.returncode == 2
+  assert missing.stderr.strip().splitlines()[-1].startswith(
+      "linear_eval: error: no checkpoints under")
+  unknown = run("--config.no_such_key=1")
+  assert unknown.returncode == 1
+  assert unknown.stderr.strip() == ("linear_eval: error: unknown config key \"'no_such_key'\" "
+                                    "(the config file lists its keys)")
+  for out in (missing, unknown):
+    assert "Traceback" not in out.stderr

@@ -245,3 +245,24 @@ def test_thirty_steps_on_a_fixed_batch_lower_the_loss():
   assert trained["loss"] < 0.75 * control["loss"], (trained, control)
   for head in ("loss_global", "loss_pixel", "loss_cycle"):
     assert trained[head] < control[head], (head, trained, control)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_losses():
+  c = tiny_config()
+  c.model.dtype = "bfloat16"
+  mesh = parallel.make_mesh(2)
+  model = model_from_config(c.model)
+  tx, schedule = optim.make_optimizer(c)
+  state, shardings = step_lib.create_state(model, tx, c, mesh, seed=0)
+  out = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                    jnp.zeros((4, SIZE, SIZE, 3)), train=False)
+  assert out["h"].dtype == jnp.bfloat16 and out["c"].dtype == jnp.bfloat16
+  train_step = step_lib.jit_train_step(model, tx, schedule, c, mesh, shardings)
+  new, metrics = train_step(state, parallel.host_to_global(mesh, pair_batch()))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.queues))
+  ref = _run_steps(2, 1)[1][0]
+  for k in ("loss_global", "loss_pixel", "loss_cycle"):
+    assert metrics[k].dtype == jnp.float32 and np.isfinite(float(metrics[k]))
+    # bf16 activations move the losses a little, not a lot.
+    np.testing.assert_allclose(float(metrics[k]), ref[k], rtol=0.1, atol=0.05)

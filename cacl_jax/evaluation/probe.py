@@ -100,14 +100,16 @@ def random_backbone(model_config: ml_collections.ConfigDict, seed: int = 0,
   return jax.device_get(params), jax.device_get(batch_stats)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """SGD with momentum, cosine decay of `learning_rate` to 0 over `total_steps`; weight decay
-  (if any) on conv kernels only, not on biases or BN parameters."""
+def make_optimizer(config: ml_collections.ConfigDict,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(SGD with momentum, its schedule): cosine decay of `learning_rate` to 0 over
+  `total_steps`; weight decay (if any) on conv kernels only, not on biases or BN parameters."""
   schedule = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  return optax.chain(
+  tx = optax.chain(
       optax.add_decayed_weights(config.get("weight_decay", 0.0), mask=decay_mask),
       optax.sgd(schedule, momentum=config.get("momentum", 0.9)))
+  return tx, schedule
 
 
 def upsampled_logits(backbone: nn.Module, head: nn.Module, params: dict, batch_stats: Any,
@@ -236,13 +238,13 @@ def evaluate(state: ProbeState, eval_step, predict, mesh, val_source, config,
   to their own size: {'images', 'labels', 'predictions', 'ids'}.
   """
   per_process = config.eval_batch_size // jax.process_count()
-  cm = np.zeros((len(val_source.class_names),) * 2, np.int64)
+  counts = []
   samples = {"images": [], "labels": [], "predictions": [], "ids": []}
   for i, batch in enumerate(segdata.val_batches(val_source, config.data, per_process,
                                                 jax.process_index(), jax.process_count())):
     arrays = parallel.host_to_global(mesh, {"image": batch["image"], "label": batch["label"]})
-    # int32 per batch, int64 over the set: no overflow at Cityscapes' 10^9 pixels.
-    cm += np.asarray(jax.device_get(eval_step(state, arrays)), np.int64)
+    # Kept on device until the end, so dispatch runs ahead of the host's input pipeline.
+    counts.append(eval_step(state, arrays))
     if i == 0 and num_figure_images:
       preds = _local_rows(predict(state, arrays["image"]))
       for j in range(min(num_figure_images, len(preds))):
@@ -253,6 +255,10 @@ def evaluate(state: ProbeState, eval_step, predict, mesh, val_source, config,
         samples["labels"].append(batch["label"][j, :h, :w])
         samples["predictions"].append(preds[j, :h, :w])
         samples["ids"].append(batch["id"][j])
+  # int32 per batch, int64 over the set: no overflow at Cityscapes' 10^9 pixels.
+  cm = np.zeros((len(val_source.class_names),) * 2, np.int64)
+  for c in counts:
+    cm += np.asarray(jax.device_get(c), np.int64)
   return cm, samples
 
 
@@ -296,6 +302,9 @@ def run_probe(config: ml_collections.ConfigDict, backbone_params: Any,
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    # One run per workdir: a rerun starts its loss log afresh rather than appending to it.
+    open(os.path.join(workdir, "probe_metrics.jsonl"), "w").close()
   finetune = bool(config.get("finetune", False))
   train_source = segdata.segmentation_source(config.data, "train")
   val_source = segdata.segmentation_source(config.data, "val")
@@ -313,12 +322,14 @@ def run_probe(config: ml_collections.ConfigDict, backbone_params: Any,
     raise ValueError(f"{num_train} train images are fewer than batch_size {config.batch_size}")
   steps_per_epoch = num_train // config.batch_size
   total_steps = int(config.num_epochs) * steps_per_epoch
+  if total_steps <= 0:
+    raise ValueError(f"num_epochs must be positive, got {config.num_epochs}")
 
   backbone = probe_backbone(model_config, finetune)
   head = make_head(len(class_names))
   head_params = head.init(jax.random.key(config.seed),
                           jnp.zeros((1, 1, 1, backbone.num_features), jnp.float32))["params"]
-  tx = make_optimizer(config, total_steps)
+  tx, schedule = make_optimizer(config, total_steps)
   train_params = {"head": head_params}
   if finetune:
     train_params["backbone"] = backbone_params
@@ -335,9 +346,11 @@ def run_probe(config: ml_collections.ConfigDict, backbone_params: Any,
   batches = iter(segdata.train_dataset(
       train_source, config.data, config.batch_size // jax.process_count(), config.seed,
       indices=indices, process_index=jax.process_index(), process_count=jax.process_count()))
-  schedule = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
-  state, final_loss = train(state, train_step, batches, mesh, total_steps, config, workdir,
-                            schedule)
+  try:
+    state, final_loss = train(state, train_step, batches, mesh, total_steps, config, workdir,
+                              schedule)
+  finally:
+    batches.close()   # stops grain's worker processes of the infinite train iterator
 
   num_figs = int(config.get("num_figure_images", 4))
   cm, samples = evaluate(state, eval_step, predict, mesh, val_source, config, num_figs)
@@ -373,6 +386,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh=No
   if config.data.name not in ("synthetic", "voc", "cityscapes"):
     raise ValueError(f"data.name must be 'synthetic', 'voc' or 'cityscapes', got {config.data.name!r}")
   segdata.eval_pad_size(config.data)
+  if config.data.name != "synthetic" and not os.path.isdir(config.data.get("root") or ""):
+    raise FileNotFoundError(
+        f"data.root={config.data.get('root')!r} is not a directory: prepare the data with "
+        f"`python -m cacl_jax.prepare_data {config.data.name} --src RAW --out DATA` and pass "
+        "--config.data.root=DATA")
   mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh)

@@ -34,8 +34,8 @@ MEAN_RGB = (124, 116, 104)
 def segmentation_source(data_config, split: str):
   """The segmentation source named by `data.name` ('synthetic' | 'voc' | 'cityscapes').
 
-  split: 'train' or 'val'. For VOC the train split is `data.train_split` (default 'train';
-  'trainaug' for the SBD-augmented 10,582 images when prepared that way).
+  split: 'train' or 'val'; 'train' reads the prepared split `data.train_split` (default
+  'train', which for VOC is SBD trainaug, 10,582 images, when `prepare_data voc` had it).
   """
   name = data_config.name
   if split not in ("train", "val"):
@@ -256,9 +256,14 @@ def val_batches(source, data_config, batch_size: int, process_index: int = 0,
   filler = {"image": np.full((*pad, 3), MEAN_RGB, np.uint8),
             "label": np.full(pad, IGNORE_LABEL, np.uint8), "id": "",
             "size": np.zeros(2, np.int32)}
-  for _ in range(num_val_steps(len(source), batch_size, process_count)):
-    items = [next(it, filler) for _ in range(batch_size)]
-    yield {"image": np.stack([x["image"] for x in items]),
-           "label": np.stack([x["label"] for x in items]),
-           "size": np.stack([x["size"] for x in items]),
-           "id": [x["id"] for x in items]}
+  try:
+    for _ in range(num_val_steps(len(source), batch_size, process_count)):
+      items = [next(it, filler) for _ in range(batch_size)]
+      yield {"image": np.stack([x["image"] for x in items]),
+             "label": np.stack([x["label"] for x in items]),
+             "size": np.stack([x["size"] for x in items]),
+             "id": [x["id"] for x in items]}
+  finally:
+    # Stops grain's worker processes now rather than at interpreter shutdown.
+    if hasattr(it, "close"):
+      it.close()

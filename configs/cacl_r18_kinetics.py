@@ -1,0 +1,109 @@
+"""CACL, ResNet-18, pretrained on Kinetics-400 (paper Tables 1a/1b/1c, 2, 4: the R18 rows).
+
+  python -m cacl_jax.main --config configs/cacl_r18_kinetics.py --workdir DIR \
+      --config.data.root=KINETICS_DATA_DIR                       # CACL, Table 2: 38.2 mIoU
+  python -m cacl_jax.main --config configs/cacl_r18_kinetics.py:mocov2 --workdir DIR \
+      --config.data.root=KINETICS_DATA_DIR                       # a variant (file.py:variant)
+
+then the linear protocol on the run (configs/linear_eval_cityscapes.py, --config.pretrained=DIR)
+or limited-sample fine-tuning (configs/finetune_cityscapes.py:1pct ...). docs/CONFIGS.md maps
+every paper row to its command.
+
+Variants (default 'cacl'; each changes only the keys listed, the rest is the CACL setting):
+  Table 1a (heads):
+    mocov2        global head alone (MoCo-v2 on frame pairs)     loss.weights = 1/0/0
+    two_heads     global + pixel heads                           loss.weights = 1/1/0
+    pixel_only    pixel head alone, positive = same position     loss.weights = 0/1/0,
+                                                                 loss.pixel_match = same_position
+    global_cycle  global + cycle-attention heads                 loss.weights = 1/0/1
+    cacl          all three heads (the paper's CACL)             (the defaults)
+  Table 1b (positive pairs; "cross video frames" = the global-head setting on frame pairs,
+  "decide by global head" = 2 heads, "+ cycle-attention head" = CACL):
+    same_frame                  global head, only augmentation   data.pair_type = same_frame, s = 0
+    cross_frame_s2 / _s4 / _s8  global head, frames t, t+s       data.frame_stride = s
+    global_match_s4 / _s8       2 heads at stride s
+    cacl_s4 / cacl_s8           CACL at stride s (cacl_s8 = cacl)
+  Table 1c (key elements):
+    simple              no pixel shuffle, hard cycle             model.pixel_shuffle = False,
+                                                                 loss.soft_cycle = False
+    no_soft_cycle       + pixel shuffle, hard cycle              loss.soft_cycle = False
+    no_cycle_negatives  CACL without Q_C in the cycle (K = 0 in eqs. 5-6; not in the paper)
+
+Decisions (the paper is silent):
+  * Training length: 200 epochs of one pair per video (the paper's "for each video we randomly
+    choose one pair of frames") over the paper's 240k Kinetics-400 train videos at batch 512:
+    200 · 240,000 / 512 = 93,750 steps. `num_epochs` is an ordinary key, and `total_steps`
+    follows both it and `batch_size` (an ml_collections reference), so `--config.batch_size=1024`
+    still trains 200 epochs; `--config.total_steps=N` sets the length directly.
+  * Every variant keeps pixel shuffle (eq. 7) except `simple`: the ablations change one
+    factor at a time from the CACL setting, and with weights of 0 the unused heads cost
+    nothing in the loss.
+  * LARS lr 1.0 at batch 512 with cosine decay, no warm-up, m = 0.999, K = 16384, τ = 0.07,
+    image 224, shuffle-BN over groups of 32: the paper's settings (cacl_jax.defaults).
+"""
+from cacl_jax import defaults
+
+KINETICS_TRAIN_VIDEOS = 240_000   # paper, "Dataset": 240k training videos
+NUM_EPOCHS = 200
+
+# Overrides per variant, as dotted key → value. A variant sets exactly these keys.
+_MOCOV2 = {"loss.weights.global": 1.0, "loss.weights.pixel": 0.0, "loss.weights.cycle": 0.0}
+_TWO_HEADS = {"loss.weights.global": 1.0, "loss.weights.pixel": 1.0, "loss.weights.cycle": 0.0}
+_CACL = {}
+
+VARIANTS = {
+    # Table 1a
+    "mocov2": _MOCOV2,
+    "two_heads": _TWO_HEADS,
+    "pixel_only": {"loss.weights.global": 0.0, "loss.weights.pixel": 1.0, "loss.weights.cycle": 0.0,
+                   "loss.pixel_match": "same_position"},
+    "global_cycle": {"loss.weights.global": 1.0, "loss.weights.pixel": 0.0, "loss.weights.cycle": 1.0},
+    "cacl": _CACL,
+    # Table 1b
+    "same_frame": {**_MOCOV2, "data.pair_type": "same_frame", "data.frame_stride": 0},
+    "cross_frame_s2": {**_MOCOV2, "data.frame_stride": 2},
+    "cross_frame_s4": {**_MOCOV2, "data.frame_stride": 4},
+    "cross_frame_s8": {**_MOCOV2, "data.frame_stride": 8},
+    "global_match_s4": {**_TWO_HEADS, "data.frame_stride": 4},
+    "global_match_s8": {**_TWO_HEADS, "data.frame_stride": 8},
+    "cacl_s4": {**_CACL, "data.frame_stride": 4},
+    "cacl_s8": {**_CACL, "data.frame_stride": 8},
+    # Table 1c
+    "simple": {"model.pixel_shuffle": False, "loss.soft_cycle": False},
+    "no_soft_cycle": {"loss.soft_cycle": False},
+    "no_cycle_negatives": {"loss.cycle_negatives": False},
+}
+
+
+def apply_variant(config, variant: str, variants: dict, filename: str):
+  """Sets the dotted keys of `variants[variant]` on `config`; unknown name → ValueError."""
+  if variant not in variants:
+    raise ValueError(f"{filename}: unknown variant {variant!r}; valid variants: "
+                     f"{', '.join(variants)}")
+  for dotted, value in variants[variant].items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:   # a typo here would silently add a key the trainer never reads
+      raise KeyError(f"{filename}: variant {variant!r} sets unknown key {dotted!r}")
+    node[leaf] = value
+  return config
+
+
+def kinetics_config(backbone: str):
+  """The paper's Kinetics-400 pretraining setting for `backbone`, CACL with all three heads."""
+  c = defaults.pretrain_config()
+  c.model.backbone = backbone
+  c.data.name = "kinetics"
+  c.data.pair_type = "cross_frame"
+  c.data.frame_stride = 8   # "we randomly choose one pair of frames with stride 8"
+  c.num_epochs = NUM_EPOCHS
+  # Lazy: recomputed when --config.num_epochs or --config.batch_size is overridden.
+  c.total_steps = c.get_ref("num_epochs") * KINETICS_TRAIN_VIDEOS // c.get_ref("batch_size")
+  return c
+
+
+def get_config(variant=None):
+  variant = variant or "cacl"
+  return apply_variant(kinetics_config("resnet18"), variant, VARIANTS, "cacl_r18_kinetics.py")
