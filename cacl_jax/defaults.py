@@ -67,3 +67,35 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.optim.trust_coefficient = 1e-3
   c.optim.warmup_steps = 0
   return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """Every evaluation (`linear_eval`) key, with the paper's linear protocol (SPEC §6).
+
+  configs/linear_eval_*.py and finetune_cityscapes.py start from this and set the dataset.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.pretrained = ""                          # pretraining workdir (its checkpoints/ is read)
+  c.checkpoint_step = ml_collections.config_dict.placeholder(int)  # None = newest checkpoint
+  c.finetune = False                         # True: the whole network trains (Table 4)
+  c.finetune_fraction = 1.0                  # share of the train split used when finetune
+  c.batch_size = 16                          # global train batch
+  c.eval_batch_size = 8                      # global val batch (a multiple of the devices)
+  c.num_epochs = 300
+  c.learning_rate = 0.6                      # peak, cosine-decayed to 0
+  c.momentum = 0.9
+  c.weight_decay = 0.0
+  c.log_every_steps = 100
+  c.num_figure_images = 4                    # val samples in the image / GT / prediction grid
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""                           # 'synthetic' | 'voc' | 'cityscapes'
+  c.data.root = ""                           # prepared data (python -m cacl_jax.prepare_data ...)
+  c.data.train_split = "train"
+  c.data.image_size = 512                    # train crop side
+  c.data.scale_range = (0.5, 2.0)            # random scale before the crop
+  c.data.eval_pad_size = (512, 512)          # val images are padded (label 255) to this, never resized
+  c.data.num_workers = 8
+  c.data.prefetch = 2
+  return c

@@ -16,6 +16,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from cacl_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results and figures.")
@@ -23,19 +25,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' id.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with config mistakes (an unknown --config.KEY, a value of the wrong
-  type) reported in one line instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"linear_eval: error: {e} (--helpfull lists the flags)")
-  except (AttributeError, KeyError) as e:
-    sys.exit(f"linear_eval: error: unknown config key {e} (the config file lists its keys)")
-  except (TypeError, ValueError) as e:
-    sys.exit(f"linear_eval: error: bad --config override: {e}")
 
 
 def main(argv):
@@ -56,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags("linear_eval"))

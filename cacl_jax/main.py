@@ -13,6 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from cacl_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Pretraining config file (file.py or file.py:variant).",
                                 lock_config=True)
@@ -21,25 +23,6 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, non-TPU).")
 flags.DEFINE_integer("process_id", None, "This process' id (multi-host, non-TPU).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with every flag error as one `cacl_jax.main: error:` line.
-
-  An unknown `--config.KEY` makes ml_collections raise AttributeError / KeyError from inside
-  the parser (a traceback, by default); a malformed value raises flags.Error.
-  """
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"cacl_jax.main: error: {e}")
-  except (AttributeError, KeyError) as e:
-    while e.args and isinstance(e.args[0], BaseException):   # AttributeError(KeyError(msg))
-      e = e.args[0]
-    key = "; ".join(str(e.args[0] if e.args else e).splitlines())   # 'key' [; Did you mean ...]
-    given = " ".join(a for a in argv[1:] if a.startswith("--config."))
-    sys.exit(f"cacl_jax.main: error: unknown config key {key} in {given} "
-             "(every key: cacl_jax/defaults.py and the --config file)")
 
 
 def main(argv):
@@ -59,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags("cacl_jax.main"))

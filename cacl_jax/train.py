@@ -112,23 +112,28 @@ def _drop_logs_after(workdir: str, step: int) -> None:
 
 # ---------------------------------------------------------------- figures
 
-def make_affinity_probe(model):
-  """jit: online network (running BN statistics) on v and v+ → the three head maps."""
+def make_affinity_probe(model, mesh):
+  """jit: online network (running BN statistics) on the first pair of the *global* batch →
+  the pair and the three head maps, replicated. Every process calls it (it is a collective
+  on a multi-host mesh); process 0 draws the figure."""
   def probe(params, batch_stats, v, v_pos):
-    x = augment.normalize(jnp.concatenate([v, v_pos]))
-    out = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
-    return {h: jnp.stack([out[k][0], out[k][v.shape[0]]]) for h, k in zip(step_lib.HEADS, "upc")}
-  return jax.jit(probe)
+    pair = jnp.concatenate([v[:1], v_pos[:1]])
+    out = model.apply({"params": params, "batch_stats": batch_stats}, augment.normalize(pair),
+                      train=False)
+    return pair, {h: out[k] for h, k in zip(step_lib.HEADS, "upc")}
+  return jax.jit(probe, out_shardings=parallel.replicated(mesh))
 
 
-def save_affinity_figure(probe, state, host_batch, workdir: str, step: int) -> str:
-  v, v_pos = host_batch["v"][:1], host_batch["v_pos"][:1]
-  maps = parallel.to_host(probe(state.params, state.batch_stats, v, v_pos))
-  size = v.shape[1]
+def save_affinity_figure(probe, state, batch, workdir: str, step: int) -> str | None:
+  pair, maps = probe(state.params, state.batch_stats, batch["v"], batch["v_pos"])
+  if jax.process_index() != 0:
+    return None
+  pair, maps = parallel.to_host(pair), parallel.to_host(maps)
+  size = pair.shape[1]
   path = epath.Path(workdir) / "figures" / f"affinity_{step:07d}.png"
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory() as tmp:  # matplotlib writes local files; workdir may be gs://
-    local = viz.affinity_figure(v[0], v_pos[0], maps, (size // 2, size // 2),
+    local = viz.affinity_figure(pair[0], pair[1], maps, (size // 2, size // 2),
                                 os.path.join(tmp, path.name))
     path.write_bytes(epath.Path(local).read_bytes())
   return str(path)
@@ -204,13 +209,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
 
   logger = Logger(workdir, config.total_steps)
-  probe = make_affinity_probe(model) if config.viz_every_steps else None
+  probe = make_affinity_probe(model, mesh) if config.viz_every_steps else None
   last, saved_step = {}, start
   window_start, window_steps = time.perf_counter(), 0
   try:
     for step in range(start + 1, config.total_steps + 1):
-      host_batch = next(data_iter)
-      state, metrics = train_step(state, parallel.host_to_global(mesh, host_batch))
+      batch = parallel.host_to_global(mesh, next(data_iter))
+      state, metrics = train_step(state, batch)
       window_steps += 1
       if multihost:
         stop["flag"] = multihost_utils.reached_preemption_sync_point(step)
@@ -226,8 +231,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         logger.log(step, last, rate)
         window_start, window_steps = time.perf_counter(), 0
 
-      if probe is not None and step % config.viz_every_steps == 0 and jax.process_index() == 0:
-        save_affinity_figure(probe, state, host_batch, workdir, step)
+      if probe is not None and step % config.viz_every_steps == 0:
+        save_affinity_figure(probe, state, batch, workdir, step)
 
       final = step == config.total_steps
       if step % config.checkpoint_every_steps == 0 or final or stop["flag"]:

@@ -172,7 +172,8 @@ def affinity_figure(v: np.ndarray, v_pos: np.ndarray, maps: Mapping[str, object]
     path: output PNG.
 
   The heatmaps are the cosine similarities (SPEC §3's l2n dot products) upsampled to the
-  frame by nearest neighbour and laid over v+ at half opacity.
+  frame by nearest neighbour, colour-stretched to each map's [min, max] (in its title), and
+  laid over v+ at half opacity.
   """
   v, v_pos = _as_uint8_image(v), _as_uint8_image(v_pos)
   height, width = v.shape[:2]
@@ -190,8 +191,11 @@ def affinity_figure(v: np.ndarray, v_pos: np.ndarray, maps: Mapping[str, object]
     h, w = sim.shape
     up = sim[(np.arange(height) * h // height)[:, None], np.arange(width) * w // width]
     ax.imshow(v_pos)
-    ax.imshow(up, cmap="jet", vmin=-1.0, vmax=1.0, alpha=0.5)
-    ax.set_title(f"{name} head")
+    # Stretched to the map's own range (shown in the title): early in training all cosines
+    # sit close to 1, and what matters is where the query's match is, not the absolute level.
+    lo, hi = float(sim.min()), float(sim.max())
+    ax.imshow(up, cmap="jet", vmin=lo, vmax=max(hi, lo + 1e-6), alpha=0.5)
+    ax.set_title(f"{name} head [{lo:.2f}, {hi:.2f}]")
   for ax in axes:
     ax.set_axis_off()
   return _save(fig, path)

@@ -9,7 +9,7 @@ then runs the linear protocol (configs/linear_eval_synthetic.py) on the syntheti
 segmentation set for the pretrained backbone and for a randomly initialised one, and prints
 both mIoU / mAcc in one table (WORKDIR/linear_eval/results.json).
 
-What is scaled down from the paper, and why: width ÷4, 64 px, batch 32, K = 2048 and 1,000
+What is scaled down from the paper, and why: width ÷4, 64 px, batch 32, K = 2048 and 500
 steps fit a 2-core CPU; a short run needs a larger learning rate (LARS lr 2.0 instead of
 1.0·32/512), a warm-up, and a faster EMA (m = 0.99) so that the target follows within the run.
 """
@@ -31,7 +31,7 @@ def get_config():
   c = defaults.pretrain_config()
   c.seed = 0
   c.batch_size = 32
-  c.total_steps = 1000
+  c.total_steps = 500
   c.checkpoint_every_steps = 250
   c.log_every_steps = 50
   c.viz_every_steps = 250

@@ -9,32 +9,12 @@
 at full resolution (each padded to 512² with label 255, so nothing is resized). Crop 512²
 and batch 16 are our choices; the paper does not give them.
 """
-from ml_collections import config_dict
+from cacl_jax import defaults
 
 
 def get_config():
-  c = config_dict.ConfigDict()
-  c.seed = 0
-  c.pretrained = ""
-  c.checkpoint_step = config_dict.placeholder(int)
-  c.finetune = False
-  c.finetune_fraction = 1.0
-  c.batch_size = 16
-  c.eval_batch_size = 8
-  c.num_epochs = 300
-  c.learning_rate = 0.6
-  c.momentum = 0.9
-  c.weight_decay = 0.0
-  c.log_every_steps = 100
-  c.num_figure_images = 4
-
-  c.data = config_dict.ConfigDict()
+  c = defaults.eval_config()
   c.data.name = "voc"
-  c.data.root = ""
-  c.data.train_split = "train"
   c.data.image_size = 512
-  c.data.scale_range = (0.5, 2.0)
   c.data.eval_pad_size = (512, 512)         # VOC images are at most 500 on a side
-  c.data.num_workers = 8
-  c.data.prefetch = 2
   return c

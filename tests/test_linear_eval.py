@@ -256,7 +256,8 @@ def test_cli_reports_mistakes_in_one_line(tmp_path):
       "linear_eval: error: no checkpoints under")
   unknown = run("--config.no_such_key=1")
   assert unknown.returncode == 1
-  assert unknown.stderr.strip() == ("linear_eval: error: unknown config key \"'no_such_key'\" "
-                                    "(the config file lists its keys)")
+  assert unknown.stderr.strip() == (
+      "linear_eval: error: unknown config key 'no_such_key' in --config.no_such_key=1 "
+      "(the --config file and cacl_jax/defaults.py list every key)")
   for out in (missing, unknown):
     assert "Traceback" not in out.stderr

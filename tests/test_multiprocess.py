@@ -5,11 +5,12 @@ The first launch is preempted: SIGTERM reaches process 1 only, as when one host 
 is told first; both processes must stop at the same step (the step and the save are
 collectives), save it together and exit 0. The second launch resumes both from that
 checkpoint (the state, and each process' own grain iterator) and runs to the end. Its
-logged losses must be those of one process with 4 devices fed the same global batches:
-process i's pipeline shard, `make_pretrain_dataset(process_index=i, process_count=2)`,
-fills rows [4i, 4i + 4) of each batch of 8. That reference runs in this test process
-while the first launch runs.
+steps must be those of one process with 4 devices fed the same global batches: process i's
+shard, `make_pretrain_dataset(process_index=i, process_count=2)`, fills rows [4i, 4i + 4)
+of each batch of 8. That reference is built and compiled in this test process while the
+first launch runs, and replays one step from each state the two processes saved.
 """
+import json
 import os
 import signal
 import socket
@@ -77,31 +78,36 @@ def start_pair(workdir: str, launch: int):
           for i in range(2)]
 
 
-def one_process_reference():
-  """The tiny run on one process with 4 devices, each global batch assembled from the two
-  processes' shards. Returns (per-step metrics, final state)."""
-  config = tiny.get_config()
-  mesh = parallel.make_mesh(4)
-  model = model_from_config(config.model)
-  tx, schedule = optim.make_optimizer(config)
-  state, shardings = step_lib.create_state(model, tx, config, mesh, config.seed)
-  train_step = step_lib.jit_train_step(model, tx, schedule, config, mesh, shardings)
-  shards = [iter(pipeline.make_pretrain_dataset(
-      config.data, global_batch_size=config.batch_size, process_index=i, process_count=2,
-      seed=config.seed)) for i in range(2)]
-  records = []
-  for step in range(1, T + 1):
-    parts = [next(shard) for shard in shards]
-    batch = {k: np.concatenate([p[k] for p in parts]) for k in ("v", "v_pos")}
-    state, metrics = train_step(state, parallel.host_to_global(mesh, batch))
-    records.append({"step": step, **parallel.to_host(metrics)})
-  return records, state
+class OneProcessFourDevices:
+  """The tiny run's train step on one process with 4 devices, each global batch assembled
+  from the two processes' pipeline shards (process i → rows [4i, 4i + 4))."""
+
+  def __init__(self):
+    config = tiny.get_config()
+    self.mesh = parallel.make_mesh(4)
+    model = model_from_config(config.model)
+    tx, schedule = optim.make_optimizer(config)
+    self.init_state, shardings = step_lib.create_state(model, tx, config, self.mesh, config.seed)
+    self.train_step = step_lib.jit_train_step(model, tx, schedule, config, self.mesh, shardings)
+    shards = [iter(pipeline.make_pretrain_dataset(
+        config.data, global_batch_size=config.batch_size, process_index=i, process_count=2,
+        seed=config.seed)) for i in range(2)]
+    self.batches = []
+    for _ in range(T):
+      parts = [next(shard) for shard in shards]
+      self.batches.append({k: np.concatenate([p[k] for p in parts]) for k in ("v", "v_pos")})
+
+  def metrics_after(self, state, step: int) -> dict[str, float]:
+    """Metrics of step `step` + 1 taken from `state` (the state after `step` steps)."""
+    _, metrics = self.train_step(state, parallel.host_to_global(self.mesh, self.batches[step]))
+    return {k: float(v) for k, v in parallel.to_host(metrics).items()}
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("multiprocess") / "run")
   first = start_pair(workdir, 1)
+  second = []
   failures = []
 
   def preempt_process_1():
@@ -110,17 +116,22 @@ def two_processes(tmp_path_factory):
       first[1].send_signal(signal.SIGTERM)
     except AssertionError as e:
       failures.append(str(e))
-  signaller = threading.Thread(target=preempt_process_1)
-  signaller.start()
-  reference = one_process_reference()
-  signaller.join()
-  first_out = [tiny.finish(p) for p in first]
-  assert not failures, failures
-  preempted = {"out": first_out, "committed": tiny.committed_steps(workdir),
-               "logged": tiny.last_logged_step(workdir)}
-  second_out = [tiny.finish(p) for p in start_pair(workdir, 2)]
-  return {"workdir": workdir, "preempted": preempted, "resumed": second_out,
-          "reference": reference}
+  try:
+    signaller = threading.Thread(target=preempt_process_1)
+    signaller.start()
+    reference = OneProcessFourDevices()   # builds and compiles while the processes run
+    first_step = reference.metrics_after(reference.init_state, 0)
+    signaller.join()
+    first_out = [tiny.finish(p) for p in first]
+    assert not failures, failures
+    preempted = {"out": first_out, "committed": tiny.committed_steps(workdir),
+                 "logged": tiny.last_logged_step(workdir)}
+    second = start_pair(workdir, 2)
+    return {"workdir": workdir, "preempted": preempted,
+            "resumed": [tiny.finish(p) for p in second],
+            "reference": reference, "first_step": first_step}
+  finally:
+    tiny.kill_running(first + second)
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(two_processes):
@@ -132,34 +143,52 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(two_processes):
     assert f"SIGTERM: saved step {reached}, exiting" in out
   assert "mesh: 4 devices over 2 processes" in preempted["out"][0][1]
   assert preempted["committed"][-1] == reached
-  # Each process saved its own iterator; they differ (disjoint shards).
+  # Each process saved its own iterator over its own shard, `reached` batches in.
   data = os.path.join(two_processes["workdir"], "checkpoints", str(reached), "data")
-  states = []
   for i in range(2):
     with open(os.path.join(data, f"process_{i}-of-2.json")) as f:
-      states.append(f.read())
-  assert states[0] != states[1]
+      assert json.load(f)["next_index"] == reached
 
 
-def test_both_processes_resume_and_match_one_process_with_four_devices(two_processes):
+def test_both_processes_resume_from_the_preemption_checkpoint(two_processes):
   workdir = two_processes["workdir"]
   reached = two_processes["preempted"]["logged"]
   for code, out in two_processes["resumed"]:
     assert code == 0, out[-3000:]
     assert f"resumed from {checkpoint.checkpoint_dir(workdir)}/{reached}" in out
-  logged = tiny.metrics(workdir)
-  assert [r["step"] for r in logged] == list(range(1, T + 1))
-  reference, _ = two_processes["reference"]
-  for key in HEAD_KEYS:
-    np.testing.assert_allclose([r[key] for r in logged], [r[key] for r in reference],
-                               rtol=1e-5, err_msg=key)
+  assert [r["step"] for r in tiny.metrics(workdir)] == list(range(1, T + 1))
+  assert tiny.committed_steps(workdir)[-1] == T
 
 
-def test_two_process_checkpoint_restores_in_one_process(two_processes):
-  """The state the two processes saved together holds the reference's final numbers."""
-  _, expected = two_processes["reference"]
-  restored = tiny.restore_state(two_processes["workdir"], T, parallel.make_mesh(1))
-  assert int(restored.step) == T
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5,
-                               err_msg=jax.tree_util.keystr(path))
+def test_every_segment_matches_one_process_with_four_devices(two_processes):
+  """From the initial state and from each checkpoint the two processes saved (restored here
+  onto one process' 4 devices), one step of the one-process program reproduces the step the
+  two processes logged next. Compared per step: over several steps the float32 rounding of
+  a different reduction order (~1e-7) is amplified past any tolerance by the pixel head's
+  argmax matches and lr 1.0, so whole trajectories agree only for a few steps."""
+  workdir, reference = two_processes["workdir"], two_processes["reference"]
+  logged = {r["step"]: r for r in tiny.metrics(workdir)}
+  starts = [0] + [c for c in tiny.committed_steps(workdir) if c < T]
+  assert len(starts) >= 4   # the initial state, the preemption step and periodic checkpoints
+  for start in starts:
+    if start == 0:
+      ours = two_processes["first_step"]
+    else:
+      restored = tiny.restore_state(workdir, start, reference.mesh)
+      assert int(restored.step) == start
+      ours = reference.metrics_after(restored, start)
+    theirs = logged[start + 1]
+    for key in HEAD_KEYS:
+      assert ours[key] == pytest.approx(theirs[key], rel=1e-5), (start + 1, key)
+    assert ours["lr"] == pytest.approx(theirs["lr"], rel=1e-6)
+
+
+def test_two_process_checkpoint_restores_on_one_and_on_four_devices(two_processes):
+  workdir = two_processes["workdir"]
+  one = tiny.restore_state(workdir, T, parallel.make_mesh(1))
+  four = tiny.restore_state(workdir, T, parallel.make_mesh(4))
+  assert int(one.step) == int(four.step) == T
+  assert len(four.queues["cycle"].sharding.device_set) == 4
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(four)):
+    assert np.isfinite(np.asarray(x, np.float64)).all(), jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))

@@ -99,11 +99,12 @@ def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
     return proc.returncode, f.read()
 
 
-def run_main(workdir, *args: str, num_devices: int = 8,
-             timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-  """`python -m cacl_jax.main` on the tiny config, to completion (stdout, stderr apart)."""
-  return subprocess.run(main_command(workdir, *args), cwd=ROOT, env=env(num_devices),
-                        capture_output=True, text=True, timeout=timeout)
+def kill_running(procs) -> None:
+  """SIGKILL the children still running (a fixture that failed half-way leaves none behind)."""
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
 
 
 def wait_until(condition, procs, what: str, timeout: float = TIMEOUT) -> None:
