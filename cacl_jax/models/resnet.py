@@ -74,8 +74,8 @@ def _conv(features, kernel, stride=1, dilation=1, dtype=jnp.float32, name=None):
                  use_bias=False, kernel_init=_conv_init, dtype=dtype, name=name)
 
 
-class BasicBlock(nn.Module):
-  """ResNet-18/34 block: 3×3 → 3×3, identity or 1×1 projection shortcut."""
+class _Block(nn.Module):
+  """Fields shared by both block kinds; `first_dilation` is the first 3×3 conv's dilation."""
   planes: int
   stride: int = 1
   dilation: int = 1
@@ -83,6 +83,10 @@ class BasicBlock(nn.Module):
   project: bool = False
   bn_group_size: int | None = None
   dtype: Any = jnp.float32
+
+
+class BasicBlock(_Block):
+  """ResNet-18/34 block: 3×3 → 3×3, identity or 1×1 projection shortcut."""
   expansion = 1
 
   @nn.compact
@@ -98,15 +102,8 @@ class BasicBlock(nn.Module):
     return nn.relu(y + x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """ResNet-50 block (v1.5: stride on the 3×3): 1×1 → 3×3 → 1×1 (×4)."""
-  planes: int
-  stride: int = 1
-  dilation: int = 1
-  first_dilation: int = 1
-  project: bool = False
-  bn_group_size: int | None = None
-  dtype: Any = jnp.float32
   expansion = 4
 
   @nn.compact
