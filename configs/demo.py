@@ -13,18 +13,15 @@ What is scaled down from the paper, and why: width ÷4, 64 px, batch 32, K = 204
 steps fit a 2-core CPU; a short run needs a larger learning rate (LARS lr 2.0 instead of
 1.0·32/512), a warm-up, and a faster EMA (m = 0.99) so that the target follows within the run.
 """
-import importlib.util
 import os
+import sys
 
 from cacl_jax import defaults
 
-
-def _eval_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "linear_eval_synthetic.py")
-  spec = importlib.util.spec_from_file_location("linear_eval_synthetic", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+# The synthetic evaluation config next to this file is chained after pretraining
+# (config_flags loads files by path, so the folder is put on the path, as the other configs do).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import linear_eval_synthetic  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def get_config():
@@ -55,5 +52,5 @@ def get_config():
   c.optim.base_lr = 32.0   # → lr 2.0 at batch 32
   c.optim.warmup_steps = 50
 
-  c.eval_after = _eval_config()
+  c.eval_after = linear_eval_synthetic.get_config()
   return c
