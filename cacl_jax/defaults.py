@@ -42,6 +42,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 128         # D
   c.model.dtype = "float32"       # compute dtype: 'float32' | 'bfloat16' (params, losses f32)
   c.model.pixel_shuffle = True    # eq. 7
+  c.model.shuffle_rolls = "independent"  # 'independent' per frame | 'shared' by v and v+ (SPEC §9)
+  c.model.padding = "zeros"       # 'zeros' (torchvision, paper) | 'circular' (no position leak)
   c.model.bn_mode = "group"       # 'group' (fixed groups + shuffle-BN for the target) | 'sync'
   c.model.bn_group_size = 32      # the paper's per-GPU batch
   c.model.ema_momentum = 0.999
@@ -52,7 +54,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.loss.weights = ml_collections.ConfigDict({"global": 1.0, "pixel": 1.0, "cycle": 1.0})
   c.loss.temperature = ml_collections.ConfigDict({"global": 0.07, "pixel": 0.07, "cycle": 0.07})
   c.loss.pixel_match = "global"   # 'global' (eq. 4) | 'same_position' (Table 1a, pixel head alone)
-  c.loss.soft_cycle = True        # the soft cycle trick (KL to softmax(û û+ᵀ/τ))
+  c.loss.pixel_negatives = "queue"  # 'queue' | 'queue+frame' (eq. 4's printed {p^i} ∪ p+^m)
+  c.loss.global_pool = "after_head"  # 'after_head' l2n(mean g_G(h)) | 'before_head' g_G(GAP(h))
+  c.loss.soft_cycle = True        # the soft cycle trick (KL to the soft target T)
+  c.loss.soft_target = "cross"    # T: 'cross' û û+ᵀ | 'self' û ûᵀ | 'cycle' (losses.soft_cycle_target)
   c.loss.cycle_negatives = True   # Q_C in the cycle path
 
   c.queue = ml_collections.ConfigDict()

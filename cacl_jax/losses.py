@@ -129,6 +129,16 @@ def _fold_queue(queue, init, fn):
 # ----------------------------------------------------------------------------------------
 
 
+def global_key(u):
+  """l2n(mean_i u_i): [B, N, D] -> [B, D] float32, the image-level feature of eq. 3.
+
+  q on the online side, k on the target side; the train step enqueues exactly this k into
+  Q_G (SPEC §4), so the queue's negatives and the loss's positive are the same function of
+  the target map. With `loss.global_pool='before_head'` the map is g_G(GAP(h)) with N = 1.
+  """
+  return l2n(jnp.mean(jnp.asarray(u).astype(jnp.float32), axis=1))
+
+
 def global_loss(u, u_pos, queue, temperature):
   """Global contrastive loss L_G (eq. 3, SPEC §3).
 
@@ -146,9 +156,9 @@ def global_loss(u, u_pos, queue, temperature):
   tau = _temperature('global_loss', temperature)
   u, u_pos = _maps('global_loss', 'u', u, u_pos)
   queue = _queue('global_loss', queue, u.shape[-1])
-  q = l2n(jnp.mean(u, axis=1))  # [B, D]
+  q = global_key(u)  # [B, D]
   # Target side: the EMA network gets no gradient from any loss.
-  k = l2n(jnp.mean(jax.lax.stop_gradient(u_pos), axis=1))  # [B, D]
+  k = global_key(jax.lax.stop_gradient(u_pos))  # [B, D]
   pos = jnp.sum(q * k, axis=-1) / tau  # [B]
   neg = _sim(q, queue, tau)  # [B, K]
   return jnp.mean(_info_nce(pos, neg))
@@ -159,7 +169,7 @@ def global_loss(u, u_pos, queue, temperature):
 # ----------------------------------------------------------------------------------------
 
 
-def _global_match(u, u_pos):
+def global_match(u, u_pos):
   """m(i) = argmax_j û_i·û+_j (eq. 4), ties to the lowest j: [B, N, D] x2 -> [B, N] int32.
 
   A hard assignment: no gradient reaches u through it.
@@ -171,12 +181,20 @@ def _global_match(u, u_pos):
   return jnp.argmax(affinity, axis=-1).astype(jnp.int32)
 
 
-def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global'):
-  """Pixel contrastive loss L_P (eq. 4, SPEC §3).
+PIXEL_NEGATIVES = ('queue', 'queue+frame')
+
+
+def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives='queue'):
+  """Pixel contrastive loss L_P (eq. 4, SPEC §3 and §9).
 
   A = û û+ᵀ, m(i) = argmax_j A_ij (ties: lowest j), p̂ = l2n(p), p̂+ = l2n(p+),
-  L_P = mean_{b,i} −log softmax([p̂_i·p̂+_{m(i)}, p̂_i·Q_Pᵀ] / τ)[0].
-  The negatives are the queue Q_P (pixels of other videos).
+  L_P = mean_{b,i} −log softmax([p̂_i·p̂+_{m(i)}, negatives_i] / τ)[0], with negatives_i
+    'queue':       p̂_i·Q_Pᵀ — pixels of other videos ("features in {p_-^i} ... are pixels
+                   from other videos");
+    'queue+frame': p̂_i·Q_Pᵀ and p̂_i·p̂_k for every other pixel k ≠ i of the same online
+                   frame — eq. 4's printed denominator "p^k ∈ {p^i} ∪ p+^m" and "features in
+                   {p^i} can all be treated as negatives". Gradient flows through both p̂_i
+                   and p̂_k (both online).
 
   Args:
     p: [B, N, D] online pixel-head map on v.
@@ -187,10 +205,13 @@ def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global'):
     temperature: τ > 0.
     match: 'global' (m(i) from the global head, as in CACL) or 'same_position'
       (m(i) = i: Table 1a's "pixel head alone").
+    negatives: 'queue' or 'queue+frame' (above).
   Returns:
     float32 scalar.
   """
   tau = _temperature('pixel_loss', temperature)
+  if negatives not in PIXEL_NEGATIVES:
+    raise ValueError(f'pixel_loss: expected negatives in {PIXEL_NEGATIVES}, got {negatives!r}')
   p, p_pos = _maps('pixel_loss', 'p', p, p_pos)
   queue = _queue('pixel_loss', queue, p.shape[-1])
   b, n, _ = p.shape
@@ -198,7 +219,7 @@ def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global'):
     u, u_pos = _maps('pixel_loss', 'u', u, u_pos)
     if u.shape[:2] != (b, n):
       raise ValueError(f'pixel_loss: expected u as [{b}, {n}, D] like p, got {u.shape}')
-    m = _global_match(u, u_pos)
+    m = global_match(u, u_pos)
   elif match == 'same_position':
     m = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
   else:
@@ -210,19 +231,11 @@ def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global'):
   p_match = jnp.take_along_axis(p_pos_hat, m[..., None], axis=1)  # p̂+_{m(i)} [B, N, D]
   pos = jnp.sum(p_hat * p_match, axis=-1) / tau  # [B, N]
   neg = _sim(p_hat, queue, tau)  # [B, N, K]
+  if negatives == 'queue+frame':
+    frame = _sim(p_hat, p_hat, tau)  # [B, N, N]; the diagonal (i itself) is no negative
+    frame = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, frame)
+    neg = jnp.concatenate([neg, frame], axis=-1)
   return jnp.mean(_info_nce(pos, neg))
-
-
-def pixel_match_accuracy(u, u_pos):
-  """Fraction of pixels whose global-head match m(i) (eq. 4) is i itself: float32 scalar.
-
-  u, u_pos: [B, N, D]. A metric, no gradient. Between two frames s apart it reads as
-  "how static is the match"; near 1.0 under pixel shuffle means the heads found a
-  positional shortcut, near 1/N means the match is unrelated to position.
-  """
-  u, u_pos = _maps('pixel_match_accuracy', 'u', u, u_pos)
-  m = _global_match(u, u_pos)
-  return jnp.mean((m == jnp.arange(u.shape[1])).astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------------------
@@ -341,17 +354,38 @@ def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = 
   return jnp.mean(per_pixel)
 
 
-def soft_cycle_target(u, u_pos, temperature):
-  """The soft-cycle target T = softmax_rows(û û+ᵀ / τ) (SPEC §3, "soft cycle trick").
+SOFT_TARGETS = ('cross', 'self', 'cycle')
 
-  Args: u [B, N, D] online global-head map; u_pos [B, N, D] target global-head map;
-    temperature τ > 0.
+
+def soft_cycle_target(u, u_pos, temperature, mode='cross'):
+  """The soft-cycle target T (SPEC §3 and §9, "soft cycle trick"): [B, N, N].
+
+  The paper: "modifies the one-hot target to softmax(⟨u, u+⟩/τ) ... we adopt the global head
+  to describe the relationships among pixels in the frame". M = P1 P2's columns index the
+  pixels of v, whereas softmax(⟨u, u+⟩/τ)'s columns index v+; the modes read this three ways:
+    'cross': softmax_rows(û û+ᵀ/τ), as printed (row i over the pixels of v+);
+    'self':  softmax_rows(û ûᵀ/τ), the relationships among the pixels of the frame v itself
+             (row i peaks at i and spreads over pixels the global head finds alike);
+    'cycle': softmax_rows(û û+ᵀ/τ) softmax_rows(û+ ûᵀ/τ), the global head's own two-jump
+             walk v → v+ → v, indexed like M.
+
+  Args: u [B, N, D] online global-head map on v; u_pos [B, N, D] target global-head map on
+    v+ (unused for 'self'); temperature τ > 0; mode as above.
   Returns: [B, N, N] float32, rows sum to 1, gradient-stopped (it is a target).
   """
   tau = _temperature('soft_cycle_target', temperature)
+  if mode not in SOFT_TARGETS:
+    raise ValueError(f'soft_cycle_target: expected mode in {SOFT_TARGETS}, got {mode!r}')
   u, u_pos = _maps('soft_cycle_target', 'u', u, u_pos)
-  logits = _sim(l2n(u), l2n(u_pos), tau)
-  return jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
+  u_hat, u_pos_hat = l2n(u), l2n(u_pos)
+  if mode == 'self':
+    target = jax.nn.softmax(_sim(u_hat, u_hat, tau), axis=-1)
+  else:
+    target = jax.nn.softmax(_sim(u_hat, u_pos_hat, tau), axis=-1)
+    if mode == 'cycle':
+      back = jax.nn.softmax(_sim(u_pos_hat, u_hat, tau), axis=-1)
+      target = jnp.einsum('bij,bjk->bik', target, back, precision=_HIGHEST)
+  return jax.lax.stop_gradient(target)
 
 
 def cycle_back_accuracy(c, c_pos, queue, temperature):

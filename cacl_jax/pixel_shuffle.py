@@ -10,6 +10,11 @@ import jax
 import jax.numpy as jnp
 
 OUTPUT_STRIDE = 8
+# 'independent': v and v+ each draw their own roll (SPEC §2); 'shared': one roll per pair
+# (SPEC §9). Either "makes pixels at every position have the same chance to contact with zero
+# paddings"; only 'shared' keeps a position code learnt from the padding consistent between
+# the two frames.
+ROLLS = ("independent", "shared")
 
 
 def draw_rolls(key: jax.Array, batch: int, height: int, width: int,

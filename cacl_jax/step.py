@@ -26,9 +26,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cacl_jax import ema, losses, pixel_shuffle, queue
 from cacl_jax.data import augment
+from cacl_jax.models.resnet import PADDINGS
 from cacl_jax.parallel import DATA
 
 HEADS = ("global", "pixel", "cycle")
+# Where GAP sits for L_G (SPEC §9): 'after_head' q = l2n(mean_i g_G(h)_i); 'before_head'
+# q = l2n(g_G(mean_i h_i)), MoCo-v2's order. u = g_G(h) per pixel defines A and T either way.
+GLOBAL_POOLS = ("after_head", "before_head")
 
 
 @flax.struct.dataclass
@@ -59,8 +63,17 @@ def check_config(config) -> None:
   if config.model.get("bn_mode", "group") == "group" and config.batch_size % config.model.bn_group_size:
     raise ValueError(f"model.bn_group_size={config.model.bn_group_size} must divide "
                      f"batch_size={config.batch_size}")
-  if config.loss.pixel_match not in ("global", "same_position"):
-    raise ValueError(f"loss.pixel_match must be 'global' or 'same_position', got {config.loss.pixel_match!r}")
+  choices = {"loss.pixel_match": ("global", "same_position"),
+             "loss.pixel_negatives": losses.PIXEL_NEGATIVES,
+             "loss.soft_target": losses.SOFT_TARGETS,
+             "loss.global_pool": GLOBAL_POOLS,
+             "model.shuffle_rolls": pixel_shuffle.ROLLS,
+             "model.padding": PADDINGS}
+  for dotted, allowed in choices.items():
+    section, key = dotted.split(".")
+    if config[section][key] not in allowed:
+      raise ValueError(f"{dotted} must be one of {', '.join(map(repr, allowed))}, "
+                       f"got {config[section][key]!r}")
   if not any(config.loss.weights[h] for h in HEADS):
     raise ValueError("loss.weights: at least one head needs a non-zero weight")
 
@@ -110,22 +123,32 @@ def forward(model: nn.Module, params, batch_stats, x: jax.Array, rolls: jax.Arra
   return out, mutated["batch_stats"]
 
 
+def global_map(out: dict[str, jax.Array], config) -> jax.Array:
+  """The map L_G pools: u [B, N, D] ('after_head') or g_G(GAP(h)) [B, 1, D] ('before_head')."""
+  return _flat(out["u_gap"] if config.loss.global_pool == "before_head" else out["u"])
+
+
 def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues, config
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """L = w_G·L_G + w_P·L_P + w_C·L_C (SPEC §3). A head with weight 0 is not computed."""
+  """L = w_G·L_G + w_P·L_P + w_C·L_C (SPEC §3, the §9 readings per config). A head with
+  weight 0 is not computed."""
   u, p, c = (_flat(out[k]) for k in "upc")
   u_pos, p_pos, c_pos = (jax.lax.stop_gradient(_flat(out_pos[k])) for k in "upc")
   w, tau = config.loss.weights, config.loss.temperature
   zero = jnp.zeros((), jnp.float32)
   terms = {h: zero for h in HEADS}
   if w["global"]:
-    terms["global"] = losses.global_loss(u, u_pos, queues["global"], tau["global"])
+    terms["global"] = losses.global_loss(global_map(out, config),
+                                         jax.lax.stop_gradient(global_map(out_pos, config)),
+                                         queues["global"], tau["global"])
   if w["pixel"]:
     terms["pixel"] = losses.pixel_loss(p, p_pos, u, u_pos, queues["pixel"], tau["pixel"],
-                                       match=config.loss.pixel_match)
+                                       match=config.loss.pixel_match,
+                                       negatives=config.loss.pixel_negatives)
   if w["cycle"]:
     q_c = queues["cycle"] if config.loss.cycle_negatives else queues["cycle"][:0]
-    soft = losses.soft_cycle_target(u, u_pos, tau["cycle"]) if config.loss.soft_cycle else None
+    soft = (losses.soft_cycle_target(u, u_pos, tau["cycle"], mode=config.loss.soft_target)
+            if config.loss.soft_cycle else None)
     terms["cycle"] = losses.cycle_loss(c, c_pos, q_c, tau["cycle"], soft_target=soft)
   total = sum(w[h] * terms[h] for h in HEADS)
   return total, {f"loss_{h}": terms[h] for h in HEADS}
@@ -138,11 +161,11 @@ def _pick_pixels(key: jax.Array, x: jax.Array, count: int) -> jax.Array:
 
 
 def new_keys(key: jax.Array, out_pos: dict[str, jax.Array], config) -> dict[str, jax.Array]:
-  """SPEC §4: Q_G ← k = l2n(mean_i u+_i); Q_P, Q_C ← random pixels of p̂+ / ĉ+."""
+  """SPEC §4: Q_G ← k, exactly the global loss's key; Q_P, Q_C ← random pixels of p̂+ / ĉ+."""
   k_p, k_c = jax.random.split(key)
-  u_pos, p_pos, c_pos = (_flat(out_pos[k]).astype(jnp.float32) for k in "upc")
+  p_pos, c_pos = (_flat(out_pos[k]).astype(jnp.float32) for k in "pc")
   ppi = config.queue.pixels_per_image
-  return {"global": losses.l2n(losses.l2n(u_pos).mean(axis=1)),
+  return {"global": losses.global_key(global_map(out_pos, config)),
           "pixel": _pick_pixels(k_p, losses.l2n(p_pos), ppi),
           "cycle": _pick_pixels(k_c, losses.l2n(c_pos), ppi)}
 
@@ -158,7 +181,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   b, hgt, wid = v.shape[:3]
   shuffle = config.model.pixel_shuffle
   rolls = pixel_shuffle.draw_rolls(k_roll, b, hgt, wid) if shuffle else None
-  rolls_pos = pixel_shuffle.draw_rolls(k_roll_pos, b, hgt, wid) if shuffle else None
+  rolls_pos = rolls
+  if shuffle and config.model.shuffle_rolls == "independent":
+    rolls_pos = pixel_shuffle.draw_rolls(k_roll_pos, b, hgt, wid)
 
   # Target on v+: no gradient ever reaches θt (stop_gradient here and inside the losses).
   perm = jax.random.permutation(k_perm, b) if config.model.get("bn_mode", "group") == "group" else None
@@ -182,17 +207,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   for head, keys in new_keys(k_enq, out_pos, config).items():
     queues[head], ptrs[head] = queue.enqueue(queues[head], ptrs[head], keys)
 
-  q_c = state.queues["cycle"] if config.loss.cycle_negatives else state.queues["cycle"][:0]
-  # The cycle-back accuracy needs M = P1 P2 (N²·(N+K) flops an image): a metric, so it is
-  # measured on ≤ 8 images spread over the batch (and so over the devices), not all B.
-  every = max(1, b // 8)
-  metrics = {
-      "loss": total, **terms,
-      "cycle_acc": losses.cycle_back_accuracy(_flat(out["c"])[::every], _flat(out_pos["c"])[::every],
-                                              q_c, config.loss.temperature["cycle"]),
-      "pixel_match_acc": losses.pixel_match_accuracy(_flat(out["u"]), _flat(out_pos["u"])),
-      "lr": schedule(state.step), "ema_momentum": m,
-  }
+  # Only what costs nothing is measured here; the diagnostics that need extra matmuls
+  # (cycle-back rate, matches, cosines) run on logging steps in `diagnostics.py`.
+  metrics = {"loss": total, **terms, "lr": schedule(state.step), "ema_momentum": m}
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                             target_params=target_params, target_batch_stats=target_stats,
                             opt_state=opt_state, queues=queues, queue_ptrs=ptrs,

@@ -7,9 +7,11 @@ loop (step, log, figure, checkpoint, SIGTERM) → finish. Everything numeric liv
 Files in WORKDIR:
   checkpoints/S/      Orbax (state + grain iterator + config); the newest N are kept
   metrics.jsonl       one JSON object per logged step: step, loss, loss_global, loss_pixel,
-                      loss_cycle, cycle_acc, pixel_match_acc, lr, steps_per_sec, ...
+                      loss_cycle, lr, steps_per_sec, and the diagnostics of `diagnostics.py`
+                      (match_true_acc, match_label_acc, cos_within_*, cos_cross_*, ...)
   events.out.tfevents.*  TensorBoard scalars (tensorboardX, no TensorFlow)
   figures/affinity_S.png  the paper's Fig. 3 for the current networks
+  figures/diagnostics.png the diagnostics' curves over the run (redrawn at the end)
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from cacl_jax import checkpoint, optim, parallel, step as step_lib, viz
+from cacl_jax import checkpoint, diagnostics, optim, parallel, step as step_lib, viz
 from cacl_jax.data import augment, pipeline
 from cacl_jax.models.cacl import model_from_config
 
@@ -84,8 +86,11 @@ class Logger:
     self.writer.flush()
     eta = (self.total - step) / rate if rate > 0 else float("inf")
     heads = " ".join(f"{h[0].upper()}={record['loss_' + h]:.3f}" for h in step_lib.HEADS)
+    within = "/".join(f"{record.get('cos_within_' + k, float('nan')):.2f}" for k in diagnostics.MAPS)
+    match = (f" match true {record['match_true_acc']:.2f} label {record['match_label_acc']:.2f}"
+             if "match_true_acc" in record else "")
     print(f"[{step:>7d}/{self.total}] loss {record['loss']:.4f} ({heads}) "
-          f"cyc-acc {record['cycle_acc']:.3f} match {record['pixel_match_acc']:.3f} "
+          f"cos-within h/u/p/c {within}{match} return {record.get('cycle_return', float('nan')):.2f} "
           f"lr {record['lr']:.4g} | {rate:.2f} steps/s, ETA {_duration(eta)}", flush=True)
 
   def close(self):
@@ -140,6 +145,21 @@ def save_affinity_figure(probe, state, batch, workdir: str, step: int) -> str | 
 
 
 # ---------------------------------------------------------------- initialisation
+
+def save_diagnostics_figure(workdir: str) -> None:
+  """figures/diagnostics.png from metrics.jsonl (process 0; the workdir may be a URL)."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if jax.process_index() != 0 or not path.exists():
+    return
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  if not records:
+    return
+  out = epath.Path(workdir) / "figures" / "diagnostics.png"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    local = viz.diagnostics_figure(records, os.path.join(tmp, out.name))
+    out.write_bytes(epath.Path(local).read_bytes())
+
 
 def _init_backbone_from(state: step_lib.TrainState, pretrain_workdir: str, shardings):
   """A fresh run starts θo and θt's backbone (and BN statistics) from another pretraining
@@ -210,11 +230,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   logger = Logger(workdir, config.total_steps)
   probe = make_affinity_probe(model, mesh) if config.viz_every_steps else None
+  diagnose, diag_pairs = None, None   # built at the first logging step (real data: its batch)
   last, saved_step = {}, start
   window_start, window_steps = time.perf_counter(), 0
   try:
     for step in range(start + 1, config.total_steps + 1):
-      batch = parallel.host_to_global(mesh, next(data_iter))
+      host_batch = next(data_iter)
+      batch = parallel.host_to_global(mesh, host_batch)
       state, metrics = train_step(state, batch)
       window_steps += 1
       if multihost:
@@ -223,6 +245,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       if step % config.log_every_steps == 0 or step == config.total_steps:
         last = {k: float(v) for k, v in parallel.to_host(metrics).items()}
         last["skipped_pairs"] = float(skips.count)
+        if diagnose is None:
+          diagnose = diagnostics.make_probe(model, config, parallel.replicated(mesh))
+          diag_pairs = parallel.host_to_global(mesh, diagnostics.local_pair_set(
+              config, host_batch, mesh.devices.size, jax.process_index(), jax.process_count()))
+        last.update(diagnostics.as_floats(diagnose(state, diag_pairs)))
         if not all(math.isfinite(v) for v in last.values()):
           raise TrainingDiverged(
               f"non-finite metrics at step {step}: {last}; the last good checkpoint "
@@ -248,6 +275,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   finally:
     mngr.wait_until_finished()
     mngr.close()
+    save_diagnostics_figure(workdir)
     if skips.count:
       print(f"data: {skips.summary()}", flush=True)
     logger.close()

@@ -199,3 +199,40 @@ def affinity_figure(v: np.ndarray, v_pos: np.ndarray, maps: Mapping[str, object]
   for ax in axes:
     ax.set_axis_off()
   return _save(fig, path)
+
+
+# The panels of the diagnostics figure: title -> metric keys (missing keys are skipped).
+DIAGNOSTIC_PANELS = {
+    "losses": ("loss", "loss_global", "loss_pixel", "loss_cycle"),
+    "global-head match m(i) (eq. 4)": ("match_true_acc", "match_label_acc", "match_label_chance",
+                                       "match_object_acc", "match_object_chance"),
+    "cosine between pixels of one image": ("cos_within_h", "cos_within_u", "cos_within_p",
+                                           "cos_within_c"),
+    "cosine between pixels of two images": ("cos_cross_h", "cos_cross_u", "cos_cross_p",
+                                            "cos_cross_c"),
+    "cycle": ("cycle_return", "soft_target_entropy"),
+    "learning rate": ("lr",),
+}
+
+
+def diagnostics_figure(records: Sequence[Mapping[str, float]], path: str) -> str:
+  """The run's curves from metrics.jsonl records (each with 'step'): one panel per
+  DIAGNOSTIC_PANELS entry, a line per key present. Returns `path`."""
+  steps = np.array([r["step"] for r in records])
+  panels = {t: [k for k in keys if any(k in r for r in records)]
+            for t, keys in DIAGNOSTIC_PANELS.items()}
+  panels = {t: keys for t, keys in panels.items() if keys}
+  cols = 3
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+  for ax, (title, keys) in zip(axes.flat, panels.items()):
+    for key in keys:
+      ys = np.array([r.get(key, np.nan) for r in records], float)
+      ax.plot(steps, ys, marker=".", label=key)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.set_axis_off()
+  return _save(fig, path)

@@ -34,7 +34,7 @@ CLASS_NAMES = ('background', 'striped_disc', 'checkered_square', 'dotted_triangl
                'spoked_ring', 'hatched_cross', 'bullseye_star')
 NUM_CLASSES = len(CLASS_NAMES)  # including background (label 0)
 
-_STREAMS = {('pretrain', 'train'): 0, ('pretrain', 'val'): 1,
+STREAMS = {('pretrain', 'train'): 0, ('pretrain', 'val'): 1,
             ('segmentation', 'train'): 2, ('segmentation', 'val'): 3}
 
 
@@ -250,6 +250,56 @@ def render(spec: VideoSpec, t: float) -> tuple[np.ndarray, np.ndarray]:
   return np.clip(np.rint(image), 0, 255).astype(np.uint8), labels
 
 
+def instances(spec: VideoSpec, t: float) -> np.ndarray:
+  """int16 [S, S]: index of the visible (front-most) object at each pixel of frame t, −1 for
+  the background. The same masks as `render`, without the colours."""
+  size = spec.frame_size
+  centres = np.arange(size, dtype=np.float32) + 0.5
+  out = np.full((size, size), -1, np.int16)
+  for k, obj in enumerate(spec.objects):
+    cx, cy, r, angle = obj.pose(t)
+    dx = (centres - cx)[None, :]
+    dy = (centres - cy)[:, None]
+    u = (np.cos(angle) * dx + np.sin(angle) * dy) / r
+    v = (-np.sin(angle) * dx + np.cos(angle) * dy) / r
+    out[_SHAPES[obj.label - 1](u, v)] = k
+  return out
+
+
+def correspondence(spec: VideoSpec, t: float, t_pos: float, points: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Where the scene points seen at `points` (float [P, 2] (x, y) pixels) of frame t are in
+  frame t_pos: the ground truth of the match diagnostics.
+
+  A point on object k moves with k's pose (object coordinates (u, v) are fixed: translate,
+  scale and turn with it); a background point moves against the camera pan. Returns
+  (float [P, 2] positions in frame t_pos, bool [P] valid): valid when the position lies in the
+  frame and the same surface (object k, or the background) is visible there, not occluded.
+  """
+  size = spec.frame_size
+  points = np.asarray(points, np.float64)
+  inst_t, inst_pos = instances(spec, t), instances(spec, t_pos)
+  ix = np.clip(points.astype(int), 0, size - 1)
+  owner = inst_t[ix[:, 1], ix[:, 0]]
+  moved = points - spec.pan_velocity * (t_pos - t)  # the background
+  for k, obj in enumerate(spec.objects):
+    on = owner == k
+    if not on.any():
+      continue
+    cx, cy, r, angle = obj.pose(t)
+    cx2, cy2, r2, angle2 = obj.pose(t_pos)
+    d = points[on] - (cx, cy)
+    c, s = np.cos(angle), np.sin(angle)
+    uv = np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], axis=-1) / r
+    c2, s2 = np.cos(angle2), np.sin(angle2)
+    moved[on] = (cx2, cy2) + r2 * np.stack([c2 * uv[:, 0] - s2 * uv[:, 1],
+                                           s2 * uv[:, 0] + c2 * uv[:, 1]], axis=-1)
+  inside = np.all((moved >= 0) & (moved < size), axis=-1)
+  jx = np.clip(moved.astype(int), 0, size - 1)
+  valid = inside & (inst_pos[jx[:, 1], jx[:, 0]] == owner)
+  return moved, valid
+
+
 class SyntheticVideo(video_lib.Video):
   """A synthetic clip of `num_frames` frames; renders only the frames asked for."""
 
@@ -299,7 +349,7 @@ class SyntheticVideoSource:
     _check_args(num_videos, num_frames, frame_size, split)
     self.num_videos, self.num_frames, self.frame_size = num_videos, num_frames, frame_size
     self.seed, self.split, self.num_objects = seed, split, tuple(num_objects)
-    self._stream = _STREAMS[('pretrain', split)]
+    self._stream = STREAMS[('pretrain', split)]
 
   def __len__(self) -> int:
     return self.num_videos
@@ -329,7 +379,7 @@ class SyntheticSegmentation:
     _check_args(num_images, num_frames, frame_size, split)
     self.split, self.num_images, self.frame_size = split, num_images, frame_size
     self.seed, self.num_frames, self.num_objects = seed, num_frames, tuple(num_objects)
-    self._stream = _STREAMS[('segmentation', split)]
+    self._stream = STREAMS[('segmentation', split)]
 
   def __len__(self) -> int:
     return self.num_images

@@ -10,9 +10,13 @@ from cacl_jax.models.resnet import ResNet, backbone_from_config
 
 
 class CACL(nn.Module):
-  """x: [B, H, W, 3] → {'h': [B,H/8,W/8,C], 'u','p','c': [B,H/8,W/8,D]}.
+  """x: [B, H, W, 3] → {'h': [B,H/8,W/8,C], 'u','p','c': [B,H/8,W/8,D], 'u_gap': [B,1,1,D]}.
 
-  The online and the target network are this same module applied with two parameter trees.
+  'u_gap' = g_G(GAP(h)): the global head applied to the pooled backbone map, as MoCo-v2 and
+  "image-level contrastive learning frameworks" do (`loss.global_pool='before_head'`); the
+  per-pixel u = g_G(h) is the same head applied to every pixel. Unused outputs cost nothing
+  under jit. The online and the target network are this same module applied with two
+  parameter trees.
   """
   backbone: ResNet
   embed_dim: int = 128
@@ -22,7 +26,8 @@ class CACL(nn.Module):
     h = self.backbone(x, train)
     heads = {k: Head(self.embed_dim, self.backbone.dtype, name=f"head_{k.upper()}")
              for k in ("g", "p", "c")}
-    return {"h": h, "u": heads["g"](h), "p": heads["p"](h), "c": heads["c"](h)}
+    u_gap = heads["g"](jnp.mean(h, axis=(1, 2), keepdims=True))
+    return {"h": h, "u": heads["g"](h), "p": heads["p"](h), "c": heads["c"](h), "u_gap": u_gap}
 
 
 def model_from_config(model_config) -> CACL:

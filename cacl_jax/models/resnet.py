@@ -13,6 +13,13 @@ previous stage's dilation in its first 3×3 conv and the new dilation afterwards
 BatchNorm takes its statistics over fixed groups of `bn_group_size` consecutive samples of the
 global batch (SPEC §2, "BatchNorm groups"), so results do not depend on how many devices the
 batch is sharded over; `bn_group_size=None` is SyncBN over the whole batch.
+
+Padding (`model.padding`): 'zeros' as torchvision and the paper, or 'circular' in every conv and
+the max-pool. With circular padding the network is exactly equivariant to rolls by multiples of
+the output stride (tested), so no absolute position can reach the features and pixel shuffle
+(eq. 7) only undoes its roll. The paper names zero padding as the position leak that pixel
+shuffle fights; on small images every cell of the dilation-4 stage reads the padding, which is
+where the choice matters (README, "What the demo shows"). Parameters are the same either way.
 """
 from __future__ import annotations
 
@@ -67,11 +74,23 @@ class GroupBatchNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
-def _conv(features, kernel, stride=1, dilation=1, dtype=jnp.float32, name=None):
+PADDINGS = ("zeros", "circular")
+
+
+def _conv(features, kernel, stride=1, dilation=1, dtype=jnp.float32, name=None, padding="zeros"):
   pad = dilation * (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 kernel_dilation=(dilation, dilation), padding=((pad, pad), (pad, pad)),
+                 kernel_dilation=(dilation, dilation),
+                 padding="CIRCULAR" if padding == "circular" and pad else ((pad, pad), (pad, pad)),
                  use_bias=False, kernel_init=_conv_init, dtype=dtype, name=name)
+
+
+def _max_pool(x, padding):
+  """3×3 / stride-2 max-pool; zero padding is -inf padding (torchvision), circular wraps."""
+  if padding == "circular":
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 class _Block(nn.Module):
@@ -83,6 +102,10 @@ class _Block(nn.Module):
   project: bool = False
   bn_group_size: int | None = None
   dtype: Any = jnp.float32
+  padding: str = "zeros"
+
+  def conv(self, features, kernel, stride=1, dilation=1, name=None):
+    return _conv(features, kernel, stride, dilation, self.dtype, name, self.padding)
 
 
 class BasicBlock(_Block):
@@ -92,12 +115,12 @@ class BasicBlock(_Block):
   @nn.compact
   def __call__(self, x, train: bool):
     bn = lambda name: GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name=name)
-    y = _conv(self.planes, 3, self.stride, self.first_dilation, self.dtype, "conv1")(x)
+    y = self.conv(self.planes, 3, self.stride, self.first_dilation, "conv1")(x)
     y = nn.relu(bn("bn1")(y, train))
-    y = _conv(self.planes, 3, 1, self.dilation, self.dtype, "conv2")(y)
+    y = self.conv(self.planes, 3, 1, self.dilation, "conv2")(y)
     y = bn("bn2")(y, train)
     if self.project:
-      x = _conv(self.planes, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
+      x = self.conv(self.planes, 1, self.stride, 1, "downsample_conv")(x)
       x = bn("downsample_bn")(x, train)
     return nn.relu(y + x)
 
@@ -109,14 +132,14 @@ class Bottleneck(_Block):
   @nn.compact
   def __call__(self, x, train: bool):
     bn = lambda name: GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name=name)
-    y = _conv(self.planes, 1, 1, 1, self.dtype, "conv1")(x)
+    y = self.conv(self.planes, 1, 1, 1, "conv1")(x)
     y = nn.relu(bn("bn1")(y, train))
-    y = _conv(self.planes, 3, self.stride, self.first_dilation, self.dtype, "conv2")(y)
+    y = self.conv(self.planes, 3, self.stride, self.first_dilation, "conv2")(y)
     y = nn.relu(bn("bn2")(y, train))
-    y = _conv(self.planes * 4, 1, 1, 1, self.dtype, "conv3")(y)
+    y = self.conv(self.planes * 4, 1, 1, 1, "conv3")(y)
     y = bn("bn3")(y, train)
     if self.project:
-      x = _conv(self.planes * 4, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
+      x = self.conv(self.planes * 4, 1, self.stride, 1, "downsample_conv")(x)
       x = bn("downsample_bn")(x, train)
     return nn.relu(y + x)
 
@@ -134,6 +157,7 @@ class ResNet(nn.Module):
   width_divisor: int = 1
   bn_group_size: int | None = None
   dtype: Any = jnp.float32
+  padding: str = "zeros"   # 'zeros' | 'circular'
 
   @property
   def num_features(self) -> int:
@@ -149,9 +173,11 @@ class ResNet(nn.Module):
     block, counts = _LAYOUT[self.depth]
     w = 64 // self.width_divisor
     x = x.astype(self.dtype)
-    x = _conv(w, 7, 2, 1, self.dtype, "conv1")(x)
+    if self.padding not in PADDINGS:
+      raise ValueError(f"model.padding must be one of {PADDINGS}, got {self.padding!r}")
+    x = _conv(w, 7, 2, 1, self.dtype, "conv1", self.padding)(x)
     x = nn.relu(GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name="bn1")(x, train))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = _max_pool(x, self.padding)
     in_ch, dilation = w, 1
     # (stride, dilate) per stage: stages 3 and 4 trade their stride for dilation.
     for stage, (count, (stride, dilate)) in enumerate(
@@ -166,7 +192,7 @@ class ResNet(nn.Module):
         x = block(planes, stride=s, dilation=dilation,
                   first_dilation=prev if j == 0 else dilation,
                   project=(j == 0 and (s != 1 or in_ch != out_ch)),
-                  bn_group_size=self.bn_group_size, dtype=self.dtype,
+                  bn_group_size=self.bn_group_size, dtype=self.dtype, padding=self.padding,
                   name=f"layer{stage}_{j}")(x, train)
         in_ch = out_ch
     return x
@@ -179,4 +205,5 @@ def backbone_from_config(model_config) -> ResNet:
     raise ValueError(f"model.backbone must be 'resnet18' or 'resnet50', got {name!r}")
   group = None if model_config.get("bn_mode", "group") == "sync" else model_config.get("bn_group_size", None)
   return ResNet(depth=int(name[len("resnet"):]), width_divisor=model_config.get("width_divisor", 1),
-                bn_group_size=group, dtype=jnp.dtype(model_config.get("dtype", "float32")))
+                bn_group_size=group, dtype=jnp.dtype(model_config.get("dtype", "float32")),
+                padding=model_config.get("padding", "zeros"))
