@@ -1,10 +1,12 @@
 """Figures: the paper's Fig. 3 affinity maps, confusion matrices, image / GT / prediction grids.
 
 Everything here runs on host NumPy arrays and writes a PNG with matplotlib's Agg backend
-(no display needed); each function returns the path it wrote.
+(no display needed) through the path layer (`paths.py`: local, file:// or gs://); each
+function returns the path it wrote.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Mapping, Sequence
 
@@ -13,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
+
+from cacl_jax import paths  # noqa: E402
 
 IGNORE_LABEL = 255
 IGNORE_COLOR = (224, 224, 192)   # VOC's colour for the void border
@@ -65,10 +69,16 @@ def _as_uint8_image(x: np.ndarray) -> np.ndarray:
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  """Writes the figure to `path` (a local path, file:// or gs://: through `paths`), in the
+  format its extension names."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format=os.path.splitext(str(path))[1][1:] or "png", dpi=100,
+              bbox_inches="tight")
   plt.close(fig)
-  return path
+  target = paths.resolve(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(buffer.getvalue())
+  return str(path)
 
 
 def confusion_figure(cm: np.ndarray, class_names: Sequence[str], path: str) -> str:

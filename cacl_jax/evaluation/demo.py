@@ -9,6 +9,7 @@ backbone, plus `random_init` and the comparison table.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -16,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cacl_jax import parallel
+from cacl_jax import parallel, paths, runlock
 from cacl_jax.evaluation import metrics as metrics_lib
 from cacl_jax.evaluation import probe, segdata
 
@@ -26,7 +27,11 @@ def evaluate_after_pretraining(config: ml_collections.ConfigDict, workdir: str) 
   eval_config.pretrained = workdir
   out = os.path.join(workdir, "linear_eval")
   mesh = parallel.make_mesh()
+  with runlock.hold(paths.resolve(workdir)) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _evaluate(config, eval_config, out, mesh)
 
+
+def _evaluate(config, eval_config, out: str, mesh) -> dict:
   pretrained = probe.evaluate_checkpoint(eval_config, os.path.join(out, "pretrained"), mesh)
 
   train_source = segdata.segmentation_source(eval_config.data, "train")
@@ -40,8 +45,7 @@ def evaluate_after_pretraining(config: ml_collections.ConfigDict, workdir: str) 
   table = metrics_lib.format_comparison({"CACL pretrained": pretrained, "random init": random_init})
   results = {**pretrained, "random_init": random_init, "comparison": table}
   if jax.process_index() == 0:
-    with open(os.path.join(out, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
+    paths.write_text_atomic(paths.resolve(out) / "results.json", json.dumps(results, indent=1))
     print(f"\nLinear protocol on the synthetic val set ({pretrained['num_images']} images, "
           f"checkpoint step {pretrained['checkpoint_step']}):\n{table}\n"
           f"written to {os.path.join(out, 'results.json')}", flush=True)
