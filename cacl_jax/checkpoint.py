@@ -134,6 +134,20 @@ def restore_newest(mngr: ocp.CheckpointManager, workdir: str, abstract_state,
   return None, None
 
 
+def newest_config(workdir: str) -> tuple[str, ml_collections.ConfigDict] | None:
+  """(where, saved config) of the newest checkpoint whose config reads, without Orbax (so a
+  resume can be refused before any work and any log line); None for a fresh workdir."""
+  root = epath.Path(checkpoint_dir(workdir))
+  steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True) \
+      if root.is_dir() else []
+  for step in steps:
+    try:
+      return f"{root}/{step}", read_config(workdir, step)
+    except Exception:  # pylint: disable=broad-exception-caught
+      continue   # damaged: restore_newest moves it aside later
+  return None
+
+
 def _first_line(error: BaseException) -> str:
   text = str(error).strip().splitlines()
   line = text[0].split(" See full TensorStore details")[0] if text else ""

@@ -202,8 +202,8 @@ def next_batch(data_iter, step: int, last_checkpoint: str) -> dict:
     if "terminated unexpectedly" not in str(e):
       raise
     raise DataWorkerDied(f"a grain data worker process died while preparing step {step} "
-                         f"({str(e).splitlines()[0]}); {last_checkpoint}: rerun the same "
-                         "command to resume from it") from None
+                         f"({str(e).split('. ')[0]}); rerun the same command to resume "
+                         f"({last_checkpoint})") from None
 
 
 def global_batch_hash(ids: dict[str, np.ndarray]) -> int:
@@ -216,7 +216,7 @@ def global_batch_hash(ids: dict[str, np.ndarray]) -> int:
 
 def last_good(workdir: epath.Path, saved_step: int | None) -> str:
   if saved_step is None:
-    return "no checkpoint was saved in this workdir"
+    return "no checkpoint was saved in this workdir yet"
   return f"the last good checkpoint is step {saved_step} ({checkpoint.checkpoint_dir(workdir)}/{saved_step})"
 
 
@@ -242,6 +242,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   try:
     validate(config, mesh)
     workdir = paths.resolve(workdir)
+    saved = checkpoint.newest_config(workdir)
+    if saved is not None:
+      config_diff.check_resume(saved[1], config, saved[0])
     source = pipeline.pretrain_source(config.data)
   except (ValueError, FileNotFoundError) as e:
     raise UsageError(str(e)) from e
