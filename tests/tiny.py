@@ -98,22 +98,43 @@ def env(num_devices: int, compile_cache: bool = True) -> dict[str, str]:
   return e
 
 
-def main_command(workdir, *args: str) -> list[str]:
-  return [sys.executable, "-m", "cacl_jax.main", "--config", CONFIG, "--workdir", str(workdir),
+def main_command(workdir, *args: str, config: str = CONFIG) -> list[str]:
+  return [sys.executable, "-m", "cacl_jax.main", "--config", config, "--workdir", str(workdir),
           *args]
 
 
 def start_main(workdir, *args: str, log: str, num_devices: int = 8,
-               compile_cache: bool = True) -> subprocess.Popen:
+               compile_cache: bool = True, config: str = CONFIG) -> subprocess.Popen:
   """`python -m cacl_jax.main` on the tiny config in the background, stdout and stderr to the
   file `log` (a pipe that nobody reads while waiting could fill up and stall the child)."""
   with open(log, "w") as out:   # the child keeps its own descriptor
     # Its own process group: a kill reaches its grain workers too, as a preempted VM's would.
-    proc = subprocess.Popen(main_command(workdir, *args), cwd=ROOT,
+    proc = subprocess.Popen(main_command(workdir, *args, config=config), cwd=ROOT,
                             env=env(num_devices, compile_cache), start_new_session=True,
                             stdout=out, stderr=subprocess.STDOUT, text=True)
   proc.log_path = log
   return proc
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+  """(pid, command line) of every descendant of `pid`, from /proc."""
+  parent, cmdline = {}, {}
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        cmdline[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, IndexError, ValueError):
+      continue
+  found, frontier = [], [pid]
+  while frontier:
+    kids = [p for p, pp in parent.items() if pp in frontier]
+    found += kids
+    frontier = kids
+  return [(p, cmdline.get(p, "")) for p in found]
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
