@@ -7,7 +7,7 @@
 
 `DATA` is the `--out` of `python -m cacl_jax.prepare_data`. Sources are picklable (grain
 workers re-open the ArrayRecord files lazily) and do no sharding themselves: the
-pipeline shards indices per process (SPEC §8 multi-host). Reading uses `tfds` only through
+pipeline picks each process' rows of the global batch (SPEC §8 multi-host). Reading uses `tfds` only through
 its TensorFlow-free ArrayRecord data source.
 """
 from __future__ import annotations
