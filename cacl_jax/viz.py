@@ -204,7 +204,7 @@ def affinity_figure(v: np.ndarray, v_pos: np.ndarray, maps: Mapping[str, object]
 # The panels of the diagnostics figure: title -> metric keys (missing keys are skipped).
 DIAGNOSTIC_PANELS = {
     "losses": ("loss", "loss_global", "loss_pixel", "loss_cycle"),
-    "global-head match m(i) (eq. 4)": ("match_true_acc", "match_label_acc", "match_label_chance",
+    "global-head match m(i) (eq. 4)": ("match_true_acc", "match_true_still", "match_label_acc", "match_label_chance",
                                        "match_object_acc", "match_object_chance"),
     "cosine between pixels of one image": ("cos_within_h", "cos_within_u", "cos_within_p",
                                            "cos_within_c"),
