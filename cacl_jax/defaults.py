@@ -93,6 +93,13 @@ def eval_config() -> ml_collections.ConfigDict:
   c.weight_decay = 0.0
   c.log_every_steps = 100
   c.num_figure_images = 4                    # val samples in the image / GT / prediction grid
+  c.protocol = "linear"                      # 'linear' (1×1 conv) | 'cluster' (k-means, no labels)
+
+  c.cluster = ml_collections.ConfigDict()    # protocol='cluster' (evaluation/cluster.py)
+  c.cluster.num_clusters = 0                 # k; 0 = the number of classes; more = over-clustering
+  c.cluster.fit_pixels = 100_000             # feature cells drawn from the val images to fit k-means
+  c.cluster.num_iters = 50                   # Lloyd iterations per restart
+  c.cluster.num_restarts = 5                 # k-means++ restarts; the best by total similarity wins
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ""                           # 'synthetic' | 'voc' | 'cityscapes'
