@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import torch_reference as ref  # noqa: E402
-from cacl_jax import convert  # noqa: E402
+from cacl_jax import convert, torch_layout  # noqa: E402
 from cacl_jax.models import resnet  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def agreement(arch: str, image_size: int, batch: int) -> dict:
   model.float()
   state = {k: v.numpy() for k, v in model.state_dict().items()
            if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-  params, stats = convert.torch_to_flax(state, arch)
+  params, stats = torch_layout.torch_to_flax(state, arch)
   net = resnet.ResNet(depth=int(arch[len("resnet"):]))
   x = jnp.asarray(images.permute(0, 2, 3, 1).numpy())
   yj = np.asarray(jax.jit(lambda v, x: net.apply(v, x, False))(

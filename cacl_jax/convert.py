@@ -22,13 +22,10 @@ torchvision state dict: it loads with `strict=True` into
 BasicBlock refuses dilation, the keys and shapes are the same, see README "Use with PyTorch").
 The same tensors go to a `.safetensors` file beside it (written without torch).
 
-Layout (`cacl_jax.models.resnet`): flax `layer3_0/conv2/kernel` [kh, kw, in, out] ↔ torch
-`layer3.0.conv2.weight` [out, in, kh, kw]; `downsample_conv` / `downsample_bn` ↔
-`downsample.0` / `downsample.1`; BN `scale, bias` (params) and `mean, var` (batch_stats) ↔
-`weight, bias, running_mean, running_var`. Both directions are exact (a transpose of float32).
-The dilation convention matched: output stride 8; in stage 3 (4) the first block's first 3×3
-conv keeps dilation 1 (2) and its stride becomes 1, every later 3×3 conv of the stage has
-dilation 2 (4) — torchvision's `replace_stride_with_dilation` rule.
+The key map is `cacl_jax.torch_layout` (exact both ways: a renaming and an OIHW ↔ HWIO
+transpose of float32). The dilation convention matched: output stride 8; in stage 3 (4) the
+first block's first 3×3 conv keeps dilation 1 (2) and its stride becomes 1, every later 3×3
+conv of the stage has dilation 2 (4) — torchvision's `replace_stride_with_dilation` rule.
 """
 from __future__ import annotations
 
@@ -44,13 +41,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-ARCHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
-# Where a ResNet may sit inside a checkpoint's state dict, tried in this order.
-PREFIXES = ("module.encoder_q.", "encoder_q.", "module.", "backbone.", "encoder.", "")
-# flax leaf ↔ torch leaf; kernels are transposed HWIO ↔ OIHW.
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-         "var": "running_var"}
-_SUBMODULE = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+from cacl_jax import torch_layout as layout
+
 INSTALL = ("PyTorch is needed to read and write .pth files: "
            "pip install -r requirements-torch.txt (the CPU build)")
 DILATION = ("output stride 8: layer3 and layer4 trade their stride for dilation 2 and 4; the "
@@ -60,189 +52,6 @@ DILATION = ("output stride 8: layer3 and layer4 trade their stride for dilation 
 
 class ConvertError(ValueError):
   """Bad input (file, architecture, workdir): `main` prints it as one line."""
-
-
-# ----------------------------------------------------------------------------- layout
-
-
-def template(arch: str, width_divisor: int = 1) -> tuple[dict, dict]:
-  """(params, batch_stats) of the flax backbone as ShapeDtypeStruct trees, in module order."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cacl_jax.models import resnet  # pylint: disable=g-import-not-at-top
-  net = resnet.ResNet(depth=int(arch[len("resnet"):]), width_divisor=width_divisor)
-  shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), False))
-  return shapes["params"], shapes["batch_stats"]
-
-
-def torch_key(path: tuple[str, ...]) -> str:
-  """('layer3_0', 'downsample_bn', 'mean') → 'layer3.0.downsample.1.running_mean'."""
-  *modules, leaf = path
-  parts = [_SUBMODULE.get(m, m.replace("_", ".") if m.startswith("layer") else m) for m in modules]
-  return ".".join(parts + [_LEAF[leaf]])
-
-
-def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()):
-  """(path, leaf) of a nested dict in insertion order."""
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _leaves(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
-def _to_torch_layout(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(np.transpose(x, (3, 2, 0, 1))) if path[-1] == "kernel" else x
-
-
-def flax_to_torch(params: Mapping, batch_stats: Mapping, arch: str,
-                  width_divisor: int = 1) -> dict[str, np.ndarray]:
-  """The backbone as a torchvision state dict (name → numpy), in torchvision's key order.
-
-  BatchNorm entries get `num_batches_tracked` = 0 (int64), so the key set is exactly that of
-  `torchvision.models.<arch>().state_dict()` without `fc`.
-  """
-  p_shapes, s_shapes = template(arch, width_divisor)
-  out = {}
-  for tree, shapes in ((params, p_shapes), (batch_stats, s_shapes)):
-    for path, shape in _leaves(shapes):
-      x = np.asarray(_get(tree, path), np.float32)
-      if x.shape != shape.shape:
-        raise ConvertError(f"{'/'.join(path)} has shape {x.shape}, expected {shape.shape} for "
-                           f"{arch} (width ÷{width_divisor})")
-      out[torch_key(path)] = _to_torch_layout(path, x)
-  # torchvision order: per module weight, bias, running_mean, running_var, num_batches_tracked.
-  order = list(_torch_module_order(p_shapes))
-  ordered = {}
-  for module in order:
-    for leaf in ("weight", "bias", "running_mean", "running_var"):
-      if f"{module}.{leaf}" in out:
-        ordered[f"{module}.{leaf}"] = out[f"{module}.{leaf}"]
-    if f"{module}.running_mean" in out:
-      ordered[f"{module}.num_batches_tracked"] = np.zeros((), np.int64)
-  return ordered
-
-
-def _torch_module_order(p_shapes: Mapping) -> list[str]:
-  seen = []
-  for path, _ in _leaves(p_shapes):
-    module = torch_key(path).rsplit(".", 1)[0]
-    if module not in seen:
-      seen.append(module)
-  # torchvision registers downsample after the block's own convs; flax creates it last too,
-  # but a Bottleneck's conv3/bn3 must precede it: sort within a block by torchvision's order.
-  rank = {"conv1": 0, "bn1": 1, "conv2": 2, "bn2": 3, "conv3": 4, "bn3": 5, "downsample": 6}
-  def key(module):
-    parts = module.split(".")
-    if parts[0].startswith("layer"):
-      return (int(parts[0][5:]), int(parts[1]), rank[parts[2]], module)
-    return (0, 0, rank[parts[0]], module)
-  return sorted(seen, key=key)
-
-
-def _get(tree: Mapping, path: tuple[str, ...]):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str,
-                  width_divisor: int = 1) -> tuple[dict, dict]:
-  """A torchvision-named backbone state dict (prefix stripped) → flax (params, batch_stats).
-
-  Raises ConvertError naming the missing keys or the first shape that disagrees.
-  """
-  p_shapes, s_shapes = template(arch, width_divisor)
-  trees, missing = ({}, {}), []
-  for tree, shapes in zip(trees, (p_shapes, s_shapes)):
-    for path, shape in _leaves(shapes):
-      key = torch_key(path)
-      if key not in state_dict:
-        missing.append(key)
-        continue
-      x = np.asarray(state_dict[key], np.float32)
-      if path[-1] == "kernel":
-        x = np.transpose(x, (2, 3, 1, 0))
-      if x.shape != shape.shape:
-        raise ConvertError(f"{key} has shape {tuple(np.asarray(state_dict[key]).shape)}, "
-                           f"which does not fit {arch} (width ÷{width_divisor})")
-      _set(tree, path, np.ascontiguousarray(x))
-  if missing:
-    raise ConvertError(f"{len(missing)} {arch} tensors missing, e.g. {', '.join(missing[:3])}")
-  return trees
-
-
-def detect_arch(state_dict: Mapping[str, Any]) -> tuple[str, int]:
-  """(architecture name, width divisor) of a torchvision-named ResNet state dict."""
-  blocks = collections.Counter()
-  for key in state_dict:
-    m = re.match(r"layer([1-4])\.(\d+)\.", key)
-    if m:
-      blocks[int(m.group(1))] = max(blocks[int(m.group(1))], int(m.group(2)) + 1)
-  kind = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
-  counts = tuple(blocks[i] for i in (1, 2, 3, 4))
-  found = [name for name, (k, c) in ARCHS.items() if (k, c) == (kind, counts)]
-  if not found:
-    raise ConvertError(f"holds a ResNet with {kind} blocks {'-'.join(map(str, counts))} per "
-                       f"stage: neither resnet18 (basic 2-2-2-2) nor resnet50 (bottleneck 3-4-6-3)")
-  channels = np.asarray(state_dict["conv1.weight"]).shape[0]
-  if channels <= 0 or 64 % channels:
-    raise ConvertError(f"has {channels} conv1 output channels; expected 64 (or 64 / k)")
-  return found[0], 64 // channels
-
-
-def find_resnet(obj: Any) -> tuple[dict[str, Any], str, dict[str, int]]:
-  """(backbone state dict with the prefix stripped, the prefix, {dropped group: count}).
-
-  `obj` is what `torch.load` returned: a state dict, or a checkpoint that holds one under
-  'state_dict' (MoCo, most trainers) or 'model'.
-  """
-  container = obj
-  if isinstance(obj, Mapping):
-    for key in ("state_dict", "model"):
-      if isinstance(obj.get(key), Mapping):
-        container = obj[key]
-        break
-  if not isinstance(container, Mapping):
-    raise ConvertError(f"holds a {type(obj).__name__}, not a ResNet state dict")
-  for prefix in PREFIXES:
-    if f"{prefix}conv1.weight" in container:
-      break
-  else:
-    keys = list(container)[:4]
-    raise ConvertError(f"is not a ResNet state dict: no conv1.weight under any of the prefixes "
-                       f"{[p for p in PREFIXES if p]} or none (its first keys: {keys})")
-  backbone, dropped = {}, collections.Counter()
-  for key, value in container.items():
-    if key.startswith(prefix):
-      backbone[key[len(prefix):]] = value
-    else:   # e.g. MoCo's module.encoder_k.* (the key encoder), module.queue, module.queue_ptr
-      parts = key.split(".")
-      dropped[".".join(parts[:2]) if parts[0] == "module" and len(parts) > 2 else key] += 1
-  return backbone, prefix, dict(dropped)
-
-
-def split_head(backbone: dict[str, Any], channels: int) -> tuple[dict | None, dict[str, int]]:
-  """Removes the `fc*` entries; returns (g_G params when they form a MoCo-v2 MLP C→C→D, else
-  None, {dropped group: count})."""
-  fc = {k: backbone.pop(k) for k in [k for k in backbone if k.startswith("fc.")]}
-  if not fc:
-    return None, {}
-  names = {"fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias"}
-  if set(fc) == names:
-    w0, w2 = np.asarray(fc["fc.0.weight"], np.float32), np.asarray(fc["fc.2.weight"], np.float32)
-    if w0.shape == (channels, channels) and w2.ndim == 2 and w2.shape[1] == channels:
-      return {"fc1": {"kernel": np.ascontiguousarray(w0.T[None, None]),
-                      "bias": np.asarray(fc["fc.0.bias"], np.float32)},
-              "fc2": {"kernel": np.ascontiguousarray(w2.T[None, None]),
-                      "bias": np.asarray(fc["fc.2.bias"], np.float32)}}, {}
-  return None, {"fc (a classifier, or a projection that is not a C->C->D MLP)": len(fc)}
 
 
 # ----------------------------------------------------------------------------- workdir
@@ -385,37 +194,34 @@ def _sha256(path: str) -> str:
 
 def from_torch(src: str, arch: str, out: str) -> dict:
   """The `from-torch` command; returns the record written to OUT/converted_from.json."""
-  if arch not in ARCHS:
-    raise ConvertError(f"--arch must be one of {sorted(ARCHS)}, got {arch!r}")
+  if arch not in layout.ARCHS:
+    raise ConvertError(f"--arch must be one of {sorted(layout.ARCHS)}, got {arch!r}")
   obj = load_torch(src)
   try:
-    backbone, prefix, dropped = find_resnet(obj)
-    found, width = detect_arch(backbone)
-  except ConvertError as e:
+    backbone, prefix, dropped = layout.find_resnet(obj)
+    found, width = layout.detect_arch(backbone)
+    if found != arch:
+      raise layout.LayoutError(f"holds a {found} (blocks {'-'.join(map(str, layout.ARCHS[found][1]))}), "
+                               f"not {arch}: pass --arch {found}")
+    channels = (512 if arch == "resnet18" else 2048) // width
+    head_g, head_dropped = layout.split_head(backbone, channels)
+    dropped.update(head_dropped)
+    for key in [k for k in backbone if k.endswith("num_batches_tracked")]:
+      backbone.pop(key)   # a counter of train-mode passes, not a weight
+    params, stats = layout.torch_to_flax(backbone, arch, width)
+    extra = sorted(set(backbone) - {layout.torch_key(p) for tree in (params, stats)
+                                    for p, _ in layout.leaves(tree)})
+    if extra:
+      raise layout.LayoutError(f"has {len(extra)} tensors under {prefix!r} that are not part of "
+                               f"a torchvision {arch}, e.g. {', '.join(extra[:3])}")
+  except layout.LayoutError as e:
     raise ConvertError(f"{src} {e}") from e
-  if found != arch:
-    raise ConvertError(f"{src} holds a {found} (blocks {'-'.join(map(str, ARCHS[found][1]))}), "
-                       f"not {arch}: pass --arch {found}")
-  channels = (512 if arch == "resnet18" else 2048) // width
-  head_g, head_dropped = split_head(backbone, channels)
-  dropped.update(head_dropped)
-  tracked = [k for k in backbone if k.endswith("num_batches_tracked")]
-  for k in tracked:
-    backbone.pop(k)
-  try:
-    params, stats = torch_to_flax(backbone, arch, width)
-  except ConvertError as e:
-    raise ConvertError(f"{src}: {e}") from e
-  expected = {torch_key(p) for tree in (params, stats) for p, _ in _leaves(tree)}
-  extra = sorted(set(backbone) - expected)
-  if extra:
-    raise ConvertError(f"{src}: {len(extra)} tensors under {prefix!r} are not part of a "
-                       f"torchvision {arch}, e.g. {', '.join(extra[:3])}")
   embed_dim = head_g["fc2"]["kernel"].shape[-1] if head_g is not None else 128
   config = converted_config(arch, width, embed_dim)
   path = write_workdir(out, config, params, stats, head_g)
   record = {"source": os.path.abspath(src), "sha256": _sha256(src), "arch": arch,
-            "width_divisor": width, "prefix": prefix, "backbone_tensors": len(expected),
+            "width_divisor": width, "prefix": prefix,
+            "backbone_tensors": sum(1 for tree in (params, stats) for _ in layout.leaves(tree)),
             "head_G_from": "fc.0 / fc.2 (MoCo-v2 MLP)" if head_g is not None else None,
             "dropped": dropped, "checkpoint": path}
   with open(os.path.join(out, "converted_from.json"), "w") as f:
@@ -435,7 +241,10 @@ def to_torch(workdir: str, step: int | None, out: str) -> dict:
   except FileNotFoundError as e:
     raise ConvertError(str(e)) from e
   arch, width = pre.config.model.backbone, int(pre.config.model.get("width_divisor", 1))
-  state_dict = flax_to_torch(pre.params, pre.batch_stats, arch, width)
+  try:
+    state_dict = layout.flax_to_torch(pre.params, pre.batch_stats, arch, width)
+  except layout.LayoutError as e:
+    raise ConvertError(f"{pre.path}: {e}") from e
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   stem = out.rsplit(".", 1)[0]
   written = {"pth": None, "safetensors": stem + ".safetensors"}
@@ -455,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("from-torch", help="torchvision / MoCo .pth[.tar] -> pretraining workdir")
   p.add_argument("--src", required=True, help="a torchvision state dict or MoCo checkpoint")
-  p.add_argument("--arch", required=True, choices=sorted(ARCHS))
+  p.add_argument("--arch", required=True, choices=sorted(layout.ARCHS))
   p.add_argument("--out", required=True, help="the workdir to create (DIR/checkpoints/0)")
   t = sub.add_parser("to-torch", help="pretraining workdir -> torchvision state dict")
   t.add_argument("--workdir", required=True, help="a pretraining run (or a converted DIR)")

@@ -22,7 +22,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import torch_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
 
-from cacl_jax import checkpoint, convert, defaults, parallel, step as step_lib, train  # noqa: E402
+from cacl_jax import checkpoint, convert, defaults, parallel, step as step_lib, torch_layout, train  # noqa: E402
 from cacl_jax.models import resnet  # noqa: E402
 from cacl_jax.models.cacl import model_from_config  # noqa: E402
 
@@ -92,18 +92,18 @@ def test_resnet50_maps_agree_and_map_back_exactly():
   with torch.no_grad():
     expected = model.features(images).numpy()
   original = numpy_state(model)
-  backbone, _, _ = convert.find_resnet(original)
-  assert convert.detect_arch(backbone) == ("resnet50", 1)
-  head, _ = convert.split_head(backbone, 2048)
+  backbone, _, _ = torch_layout.find_resnet(original)
+  assert torch_layout.detect_arch(backbone) == ("resnet50", 1)
+  head, _ = torch_layout.split_head(backbone, 2048)
   assert head is None   # a 1000-way classifier is no projection head
   backbone = {k: v for k, v in backbone.items() if not k.endswith("num_batches_tracked")}
-  params, stats = convert.torch_to_flax(backbone, "resnet50")
+  params, stats = torch_layout.torch_to_flax(backbone, "resnet50")
   got = jax_features("resnet50", 1, params, stats, images)
   assert got.shape == expected.shape == (2, 2048, 6, 6)
   diff = relative_difference(got, expected)
   print(f"resnet50 max relative difference {diff:.2e}")
   assert diff < REL_TOL
-  back = convert.flax_to_torch(params, stats, "resnet50")
+  back = torch_layout.flax_to_torch(params, stats, "resnet50")
   assert list(back) == [k for k in original if not k.startswith("fc.")]
   for k, v in back.items():
     if not k.endswith("num_batches_tracked"):
@@ -200,7 +200,7 @@ def test_mocov2_checkpoint_is_read_accepted_by_init_from_and_round_trips(tmp_pat
   narrow = ref.dilate_basic_(ref.resnet18(width_divisor=8))
   narrow.fc = torch.nn.Identity()
   narrow.load_state_dict(loaded, strict=True)
-  again = convert.torch_to_flax({k: v.numpy() for k, v in loaded.items()}, "resnet18", 8)
+  again = torch_layout.torch_to_flax({k: v.numpy() for k, v in loaded.items()}, "resnet18", 8)
   jax.tree.map(np.testing.assert_array_equal, again, (pre.params, pre.batch_stats))
 
 
