@@ -287,3 +287,15 @@ def test_cli_bad_data_root_is_one_line(tmp_path):
       f"propagate: error: data.root='{tmp_path / 'none'}' is not a directory")
   with pytest.raises(FileNotFoundError, match="missing .*JPEGImages/480p: expected DAVIS-2017"):
     prepare_data.main(["davis", "--src", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_head_features_option_reads_the_checkpoints_head(davis_run):
+  """--config.features=u: g_G on the backbone map, unit vectors of the head's dimension."""
+  from cacl_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  pre = checkpoint.restore_pretrained(str(davis_run["tmp"] / "run"))
+  frames = davis_run["sequences"]["translate"][0][:2]
+  u = np.asarray(davis.make_encoder(pre, "u")(frames))
+  assert u.shape == (2, H // 8, W // 8, pre.config.model.embed_dim)
+  np.testing.assert_allclose(np.linalg.norm(u, axis=-1), 1.0, rtol=1e-5)
+  with pytest.raises(ValueError, match="features must be"):
+    davis.make_encoder(pre, "z")
