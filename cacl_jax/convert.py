@@ -230,7 +230,8 @@ def from_torch(src: str, arch: str, out: str) -> dict:
 
 
 def to_torch(workdir: str, step: int | None, out: str) -> dict:
-  """The `to-torch` command; returns {'pth', 'safetensors', 'arch', 'step', 'num_tensors'}."""
+  """The `to-torch` command; returns {'pth', 'safetensors', 'arch', 'width_divisor', 'step',
+  'padding', 'num_tensors'}."""
   from cacl_jax import checkpoint  # pylint: disable=g-import-not-at-top
   if not out.endswith((".pth", ".pt", ".safetensors")):
     raise ConvertError(f"--out {out}: expected a .pth, .pt or .safetensors file name")
@@ -241,6 +242,7 @@ def to_torch(workdir: str, step: int | None, out: str) -> dict:
   except FileNotFoundError as e:
     raise ConvertError(str(e)) from e
   arch, width = pre.config.model.backbone, int(pre.config.model.get("width_divisor", 1))
+  padding = pre.config.model.get("padding", "zeros")
   try:
     state_dict = layout.flax_to_torch(pre.params, pre.batch_stats, arch, width)
   except layout.LayoutError as e:
@@ -253,8 +255,8 @@ def to_torch(workdir: str, step: int | None, out: str) -> dict:
     written["pth"] = out
   save_safetensors(state_dict, written["safetensors"],
                    {"format": "pt", "arch": arch, "width_divisor": width, "step": pre.step,
-                    "source": pre.path, "dilation": DILATION})
-  return {**written, "arch": arch, "width_divisor": width, "step": pre.step,
+                    "source": pre.path, "dilation": DILATION, "padding": padding})
+  return {**written, "arch": arch, "width_divisor": width, "step": pre.step, "padding": padding,
           "num_tensors": len(state_dict)}
 
 
@@ -290,6 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
             + ") with fc = torch.nn.Identity()")
   note = "" if written["width_divisor"] == 1 else (
       f" (this backbone is ÷{written['width_divisor']} width: torchvision has no such model)")
+  if written["padding"] == "circular":   # the weights load; the features differ unless told
+    note += ("; NOTE: trained with model.padding='circular': for the same features set "
+             "padding_mode='circular' on every torch Conv2d and wrap-pad (1 px) before the max-pool")
   files = " and ".join(f for f in (written["pth"], written["safetensors"]) if f)
   print(f"wrote {files}: {written['num_tensors']} tensors of the online backbone at step "
         f"{written['step']}; loads with strict=True into {target}{note}; {DILATION}")
