@@ -175,7 +175,7 @@ def local_backbone(calibration_images):
   """(params, batch_stats): see the module docstring."""
   model = defaults.pretrain_config().model
   model.width_divisor = 8
-  params, _ = probe.random_backbone(model, seed=0, image_size=64)
+  params, stats = probe.random_backbone(model, seed=0, image_size=64)
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: np.zeros_like(x) if (path[0].key.startswith("layer") and
                                            path[1].key == "bn2" and path[2].key == "scale") else x,
@@ -192,7 +192,6 @@ def local_backbone(calibration_images):
       return updates["batch_stats"]
     return jax.lax.fori_loop(0, 30, one_pass, stats)
 
-  stats = probe.random_backbone(model, 0, 64)[1]
   return params, jax.device_get(calibrate(params, stats, augment.normalize(calibration_images)))
 
 
