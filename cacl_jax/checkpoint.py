@@ -181,12 +181,14 @@ class Pretrained:
   step: int
   path: str
   config: ml_collections.ConfigDict
+  heads: Any = None   # the online heads' params {'head_G', 'head_P', 'head_C'} (propagate)
 
 
 def restore_pretrained(pretrain_workdir: str, step: int | None = None) -> Pretrained:
   """The online backbone's params and BN statistics from `pretrain_workdir` (newest or `step`).
 
-  The heads and the target are dropped. Works on any device count: the whole state is
+  The target is dropped; the online heads come along in `heads` (for an evaluation that reads
+  a head's features, e.g. `propagate`). Works on any device count: the whole state is
   restored replicated on this process' devices, then the backbone is taken to host memory.
   """
   # Imported here: step.py pulls in the model and losses, which the checkpoint layer itself
@@ -217,4 +219,5 @@ def restore_pretrained(pretrain_workdir: str, step: int | None = None) -> Pretra
   host = lambda t: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), t)
   return Pretrained(params=host(state.params["backbone"]), batch_stats=host(state.batch_stats["backbone"]),
                     step=step, path=str(epath.Path(checkpoint_dir(pretrain_workdir)) / str(step)),
-                    config=config)
+                    config=config,
+                    heads=host({k: v for k, v in state.params.items() if k != "backbone"}))

@@ -11,6 +11,8 @@ augmentation), as the linear probe reads them:
   match_true_acc    fraction of pixels i (whose scene point stays visible in v+) for which
                     the global head's match m(i) = argmax_j û_i·û+_j (eq. 4) lands within
                     one feature cell (Chebyshev) of the true correspondent;
+  match_true_still  the same for the match m(i) = i (nothing moves): the score of a match that
+                    only knows position, the level a position shortcut reaches;
   match_label_acc   fraction of pixels whose match has the same class (cell majority label);
   match_label_chance  the same for a match drawn uniformly at random: Σ_c P_v(c)·P_v+(c);
   match_object_acc, match_object_chance  the same two over the object pixels of v only
@@ -91,10 +93,10 @@ def entropy_ratio(target: jax.Array) -> jax.Array:
   return jnp.mean(ent) / np.log(n)
 
 
-def cell_hits(true_cell: jax.Array, grid_w: int) -> jax.Array:
-  """true_cell int [B, N] (cell index in v+) -> bool [B, N, N]: cell j within one cell of it."""
-  n = true_cell.shape[-1]
-  j = jnp.arange(n)
+def cell_hits(true_cell: jax.Array, grid_w: int, num_cells: int | None = None) -> jax.Array:
+  """true_cell int [B, N] (cell index in v+) -> bool [B, N, M]: cell j of v+'s M cells (default
+  M = N) within one cell (Chebyshev) of the true one."""
+  j = jnp.arange(num_cells or true_cell.shape[-1])
   jy, jx = j // grid_w, j % grid_w
   ty, tx = true_cell[..., None] // grid_w, true_cell[..., None] % grid_w
   return jnp.maximum(jnp.abs(jy - ty), jnp.abs(jx - tx)) <= 1
@@ -121,8 +123,10 @@ def measure(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queue_c: j
     affinity = jnp.einsum("bnd,bmd->bnm", losses.l2n(u.astype(jnp.float32)),
                           losses.l2n(u_pos.astype(jnp.float32)))
     grid_w = out["u"].shape[2]
-    result["match_true_acc"] = match_rate(affinity, cell_hits(truth["true_cell"], grid_w),
-                                          truth["valid"])
+    hits = cell_hits(truth["true_cell"], grid_w)
+    result["match_true_acc"] = match_rate(affinity, hits, truth["valid"])
+    still = jnp.broadcast_to(jnp.eye(hits.shape[-1]), affinity.shape)
+    result["match_true_still"] = match_rate(still, hits, truth["valid"])
     labels, labels_pos = truth["labels"], truth["labels_pos"]
     same = labels[..., :, None] == labels_pos[..., None, :]
     objects = labels > 0

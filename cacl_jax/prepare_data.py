@@ -1,6 +1,6 @@
 r"""Turns raw datasets into TFDS ArrayRecord datasets that training reads with grain.
 
-  python -m cacl_jax.prepare_data {kinetics|imagenet|voc|cityscapes} --src RAW --out DATA
+  python -m cacl_jax.prepare_data {kinetics|imagenet|voc|cityscapes|davis} --src RAW --out DATA
 
 Raw layouts are those of SPEC §8 (see each builder in `cacl_jax.data.builders`). The work
 runs in `--workers` processes (default: all cores) with a progress bar, and is resumable:
@@ -27,7 +27,7 @@ import sys
 
 from cacl_jax.data import decode
 
-DATASETS = ("kinetics", "imagenet", "voc", "cityscapes")
+DATASETS = ("kinetics", "imagenet", "voc", "cityscapes", "davis")
 REPORT_FILE = "prepare_report.json"
 
 

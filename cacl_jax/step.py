@@ -170,6 +170,18 @@ def new_keys(key: jax.Array, out_pos: dict[str, jax.Array], config) -> dict[str,
           "cycle": _pick_pixels(k_c, losses.l2n(c_pos), ppi)}
 
 
+def pair_rolls(key: jax.Array, key_pos: jax.Array, batch: int, height: int, width: int, config
+               ) -> tuple[jax.Array | None, jax.Array | None]:
+  """Pixel-shuffle rolls (eq. 7) for v and v+: int32 [B, 2] each, None without pixel shuffle;
+  `model.shuffle_rolls='shared'` gives both frames of a pair the same roll."""
+  if not config.model.pixel_shuffle:
+    return None, None
+  rolls = pixel_shuffle.draw_rolls(key, batch, height, width)
+  if config.model.shuffle_rolls == "shared":
+    return rolls, rolls
+  return rolls, pixel_shuffle.draw_rolls(key_pos, batch, height, width)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule, config
                ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -179,11 +191,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   v = augment.photometric(k_aug, batch["v"])
   v_pos = augment.photometric(k_aug_pos, batch["v_pos"])
   b, hgt, wid = v.shape[:3]
-  shuffle = config.model.pixel_shuffle
-  rolls = pixel_shuffle.draw_rolls(k_roll, b, hgt, wid) if shuffle else None
-  rolls_pos = rolls
-  if shuffle and config.model.shuffle_rolls == "independent":
-    rolls_pos = pixel_shuffle.draw_rolls(k_roll_pos, b, hgt, wid)
+  rolls, rolls_pos = pair_rolls(k_roll, k_roll_pos, b, hgt, wid, config)
 
   # Target on v+: no gradient ever reaches θt (stop_gradient here and inside the losses).
   perm = jax.random.permutation(k_perm, b) if config.model.get("bn_mode", "group") == "group" else None

@@ -214,7 +214,7 @@ def affinity_figure(v: np.ndarray, v_pos: np.ndarray, maps: Mapping[str, object]
 # The panels of the diagnostics figure: title -> metric keys (missing keys are skipped).
 DIAGNOSTIC_PANELS = {
     "losses": ("loss", "loss_global", "loss_pixel", "loss_cycle"),
-    "global-head match m(i) (eq. 4)": ("match_true_acc", "match_label_acc", "match_label_chance",
+    "global-head match m(i) (eq. 4)": ("match_true_acc", "match_true_still", "match_label_acc", "match_label_chance",
                                        "match_object_acc", "match_object_chance"),
     "cosine between pixels of one image": ("cos_within_h", "cos_within_u", "cos_within_p",
                                            "cos_within_c"),
@@ -245,4 +245,38 @@ def diagnostics_figure(records: Sequence[Mapping[str, float]], path: str) -> str
     ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(panels):]:
     ax.set_axis_off()
+  return _save(fig, path)
+
+
+def overlay(image: np.ndarray, label: np.ndarray, palette: np.ndarray,
+            alpha: float = 0.5) -> np.ndarray:
+  """uint8 [H, W, 3]: the image with each non-zero id of `label` [H, W] tinted in its colour."""
+  image = _as_uint8_image(image).astype(np.float32)
+  tint = colorize(label, palette).astype(np.float32)
+  mix = np.where((np.asarray(label) > 0)[..., None], (1 - alpha) * image + alpha * tint, image)
+  return mix.astype(np.uint8)
+
+
+def propagation_figure(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
+                       predictions: Sequence[np.ndarray], titles: Sequence[str],
+                       path: str) -> str:
+  """Video object segmentation: one row per frame, ground truth | prediction overlaid on it.
+
+  Args:
+    images: n uint8 [H, W, 3] frames; annotations, predictions: n int [H, W] object ids
+      (0 = background, coloured with DAVIS' palette, which is VOC's).
+    titles: n row labels (e.g. 'bike-packing 00040').
+    path: output PNG.
+  """
+  n = len(images)
+  if not n or not len(annotations) == len(predictions) == len(titles) == n:
+    raise ValueError("need equally many frames, annotations, predictions and titles")
+  palette = voc_palette(256)
+  fig, axes = plt.subplots(n, 2, figsize=(8, 2.6 * n), squeeze=False)
+  for i in range(n):
+    for j, (label, what) in enumerate(((annotations[i], "ground truth"),
+                                       (predictions[i], "propagated"))):
+      axes[i, j].imshow(overlay(images[i], label, palette))
+      axes[i, j].set_title(f"{titles[i]}: {what}", fontsize=9)
+      axes[i, j].set_axis_off()
   return _save(fig, path)

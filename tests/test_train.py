@@ -208,6 +208,13 @@ def test_main_writes_checkpoints_metrics_events_and_figures(runs):
   assert sorted(os.listdir(os.path.join(a, "figures"))) == ["affinity_0000006.png",
                                                             "affinity_0000012.png",
                                                             "diagnostics.png"]
+  # The learning diagnostics join every logged step (synthetic data: with ground truth).
+  for r in records:
+    for key in ("match_true_acc", "match_label_acc", "cos_within_h", "cos_cross_c", "cycle_return",
+                "soft_target_entropy"):
+      assert 0.0 <= r[key] <= 1.0 + 1e-5 or key.startswith("cos_"), (key, r[key])
+      assert -1.0 <= r[key] <= 1.0 + 1e-5
+  assert scalars["train/match_true_acc"][T] == pytest.approx(records[-1]["match_true_acc"])
   with Image.open(os.path.join(a, "figures", "affinity_0000012.png")) as image:
     assert image.width >= 200 and image.height >= 100
     pixels = np.asarray(image.convert("L"))

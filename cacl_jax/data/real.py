@@ -27,6 +27,7 @@ NAMES = {
     "imagenet": "cacl_imagenet",
     "voc": "cacl_voc",
     "cityscapes": "cacl_cityscapes",
+    "davis": "cacl_davis2017",
 }
 
 
