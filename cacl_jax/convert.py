@@ -124,7 +124,7 @@ def write_workdir(out: str, config, params: dict, batch_stats: dict,
     raise ConvertError(f"{out} already holds checkpoints; pass a new --out (nothing is overwritten)")
   state = backbone_state(config, params, batch_stats, head_g)
   mngr = checkpoint.manager(out, max_to_keep=1)
-  checkpoint.save(mngr, 0, state, None, config, force=True)
+  checkpoint.save(mngr, 0, state, config, force=True)
   mngr.wait_until_finished()
   mngr.close()
   return os.path.join(checkpoint.checkpoint_dir(out), "0")
