@@ -3,7 +3,6 @@ import csv
 import json
 import os
 import pickle
-import resource
 import shutil
 import signal
 import subprocess
@@ -224,22 +223,21 @@ def test_cli_missing_source_is_one_error_line(tmp_path):
 
 def run_prepare(args: list[str], file_limit: int | None = None, die_at_limit: bool = False,
                 background: bool = False):
-  """`python -m cacl_jax.prepare_data ARGS`, optionally with a file-size limit (RLIMIT_FSIZE):
-  writing past it fails with EFBIG, as a full disk fails with ENOSPC; with `die_at_limit` the
-  process is killed there instead (SIGXFSZ, which Python otherwise ignores): a kill in the
-  middle of a write, at a byte the test chooses."""
-  def limit():
-    if file_limit is not None:
-      resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
-  code = ("import runpy, signal; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
-          "runpy.run_module('cacl_jax.prepare_data', run_name='__main__')") if die_at_limit else None
-  command = ([sys.executable, "-c", code] if code else [sys.executable, "-m", "cacl_jax.prepare_data"])
-  command += args
+  """`python -m cacl_jax.prepare_data ARGS`, optionally under a file-size limit (RLIMIT_FSIZE,
+  set in the child itself): writing past it fails with EFBIG, as a full disk fails with
+  ENOSPC; with `die_at_limit` the process is killed there instead (SIGXFSZ, which Python
+  otherwise ignores): a kill in the middle of a write, at a byte the test chooses."""
+  code = ["import resource, runpy, signal"]
+  if file_limit is not None:
+    code.append(f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_limit}, {file_limit}))")
+  if die_at_limit:
+    code.append("signal.signal(signal.SIGXFSZ, signal.SIG_DFL)")
+  code.append("runpy.run_module('cacl_jax.prepare_data', run_name='__main__', alter_sys=True)")
+  command = [sys.executable, "-c", "; ".join(code), *args]
   if background:
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=limit)
-  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
-                        preexec_fn=limit)
+                            text=True)
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def all_records(out: str) -> list[tuple]:
