@@ -58,6 +58,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.loss.global_pool = "after_head"  # 'after_head' l2n(mean g_G(h)) | 'before_head' g_G(GAP(h))
   c.loss.soft_cycle = True        # the soft cycle trick (KL to the soft target T)
   c.loss.soft_target = "cross"    # T: 'cross' û û+ᵀ | 'self' û ûᵀ | 'cycle' (losses.soft_cycle_target)
+  c.loss.soft_target_identity = 0.0  # λ: target λ·I + (1−λ)·T (knowledge distillation's mix)
   c.loss.cycle_negatives = True   # Q_C in the cycle path
 
   c.queue = ml_collections.ConfigDict()

@@ -20,6 +20,10 @@ augmentation), as the linear probe reads them:
   cos_within_X      mean cosine between two different pixels of one image, X ∈ {h, u, p, c}
                     (backbone h and the three heads); 1 = collapsed within the image;
   cos_cross_X       mean cosine between pixels of different images;
+  class_sep_X       (synthetic) mean cosine between object cells of the same class in two
+                    different images minus that between object cells of different classes in
+                    two different images, X ∈ {h, u, p, c}: > 0 when the embedding groups the
+                    classes across images, the structure a linear probe needs;
   soft_target_entropy  mean entropy of the soft cycle target's rows T_i / log N (1 = uniform);
   cycle_return      the cycle's return-to-self rate: fraction of pixels with argmax_j M_ij = i
                     over all N + K columns (eq. 5, the training τ and Q_C).
@@ -57,6 +61,26 @@ def cosine_within_cross(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   total = jnp.sum(jnp.square(jnp.sum(x, axis=(0, 1))))
   cross = (total - jnp.sum(per_image)) / max(b * (b - 1) * n * n, 1)
   return within, cross
+
+
+def class_separation(x: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """x [B, N, D], labels int [B, N] (0 = background, ignored) -> scalar: mean cosine over
+  pairs of object cells of one class from different images minus that over pairs of
+  different classes from different images. From per-image class sums, O(B·N·D)."""
+  x = losses.l2n(x.astype(jnp.float32))
+  y = jax.nn.one_hot(labels, num_classes)[..., 1:]  # [B, N, C-1], background dropped
+  per_image = jnp.einsum("bnc,bnd->bcd", y, x)       # S_bc
+  per_class = jnp.sum(per_image, axis=0)             # T_c
+  counts_bc = jnp.sum(y, axis=1)                     # n_bc
+  counts_c = jnp.sum(counts_bc, axis=0)
+  sq = lambda v: jnp.sum(jnp.square(v), axis=-1)
+  same_sum = jnp.sum(sq(per_class)) - jnp.sum(sq(per_image))
+  same_n = jnp.sum(jnp.square(counts_c)) - jnp.sum(jnp.square(counts_bc))
+  all_sum = sq(jnp.sum(per_class, axis=0)) - jnp.sum(sq(jnp.sum(per_image, axis=1)))
+  all_n = jnp.square(jnp.sum(counts_c)) - jnp.sum(jnp.square(jnp.sum(counts_bc, axis=1)))
+  same = same_sum / jnp.maximum(same_n, 1)
+  diff = (all_sum - same_sum) / jnp.maximum(all_n - same_n, 1)
+  return same - diff
 
 
 def argmax_weights(scores: jax.Array) -> jax.Array:
@@ -134,6 +158,8 @@ def measure(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queue_c: j
     result["match_label_chance"] = label_chance(labels, labels_pos, synthetic.NUM_CLASSES)
     result["match_object_acc"] = match_rate(affinity, same, objects)
     result["match_object_chance"] = label_chance(labels, labels_pos, synthetic.NUM_CLASSES, objects)
+    for k in MAPS:
+      result[f"class_sep_{k}"] = class_separation(flat[k], labels, synthetic.NUM_CLASSES)
   return result
 
 

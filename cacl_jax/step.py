@@ -74,6 +74,8 @@ def check_config(config) -> None:
     if config[section][key] not in allowed:
       raise ValueError(f"{dotted} must be one of {', '.join(map(repr, allowed))}, "
                        f"got {config[section][key]!r}")
+  if not 0.0 <= config.loss.soft_target_identity <= 1.0:
+    raise ValueError(f"loss.soft_target_identity must lie in [0, 1], got {config.loss.soft_target_identity}")
   if not any(config.loss.weights[h] for h in HEADS):
     raise ValueError("loss.weights: at least one head needs a non-zero weight")
 
@@ -147,7 +149,8 @@ def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues
                                        negatives=config.loss.pixel_negatives)
   if w["cycle"]:
     q_c = queues["cycle"] if config.loss.cycle_negatives else queues["cycle"][:0]
-    soft = (losses.soft_cycle_target(u, u_pos, tau["cycle"], mode=config.loss.soft_target)
+    soft = (losses.soft_cycle_target(u, u_pos, tau["cycle"], mode=config.loss.soft_target,
+                                     identity_mix=config.loss.soft_target_identity)
             if config.loss.soft_cycle else None)
     terms["cycle"] = losses.cycle_loss(c, c_pos, q_c, tau["cycle"], soft_target=soft)
   total = sum(w[h] * terms[h] for h in HEADS)

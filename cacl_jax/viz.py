@@ -220,6 +220,7 @@ DIAGNOSTIC_PANELS = {
                                            "cos_within_c"),
     "cosine between pixels of two images": ("cos_cross_h", "cos_cross_u", "cos_cross_p",
                                             "cos_cross_c"),
+    "class separation across images": ("class_sep_h", "class_sep_u", "class_sep_p", "class_sep_c"),
     "cycle": ("cycle_return", "soft_target_entropy"),
     "learning rate": ("lr",),
 }

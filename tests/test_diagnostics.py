@@ -97,7 +97,29 @@ def test_measure_reports_every_diagnostic():
   assert set(result) == {*(f'cos_{w}_{k}' for w in ('within', 'cross') for k in 'hupc'),
                          'soft_target_entropy', 'cycle_return', 'match_true_acc', 'match_true_still',
                          'match_label_acc', 'match_label_chance', 'match_object_acc',
-                         'match_object_chance'}
+                         'match_object_chance', *(f'class_sep_{k}' for k in 'hupc')}
   # v = v+: every pixel matches itself, returns to itself, and all labels agree.
   for k in ('match_true_acc', 'match_label_acc', 'cycle_return'):
     assert float(result[k]) == pytest.approx(1.0)
+
+
+def test_class_separation_against_pairs():
+  """Against an explicit loop over every pair of object cells from two different images."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(3, 10, 5)).astype(np.float32)
+  labels = rng.integers(0, 4, (3, 10))
+  xn = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  same, diff = [], []
+  for b1 in range(3):
+    for b2 in range(3):
+      if b1 == b2:
+        continue
+      for i in range(10):
+        for j in range(10):
+          if labels[b1, i] and labels[b2, j]:
+            (same if labels[b1, i] == labels[b2, j] else diff).append(xn[b1, i] @ xn[b2, j])
+  got = float(diagnostics.class_separation(jnp.asarray(x), jnp.asarray(labels), 4))
+  np.testing.assert_allclose(got, np.mean(same) - np.mean(diff), rtol=1e-4, atol=1e-6)
+  # An embedding that is its class: maximal separation (1 - 0 for orthogonal class codes).
+  onehot = np.eye(4, dtype=np.float32)[labels]
+  assert float(diagnostics.class_separation(jnp.asarray(onehot), jnp.asarray(labels), 4)) == pytest.approx(1.0)

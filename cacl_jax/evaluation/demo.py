@@ -6,7 +6,11 @@ one has its BN statistics re-estimated on train images (`probe.random_backbone`)
 fair baseline. Writes WORKDIR/linear_eval/{pretrained,random_init}/ (figures, per-run
 results) and WORKDIR/linear_eval/results.json: the contract's keys for the pretrained
 backbone, plus `random_init` and the comparison table; each run's cluster-protocol results
-(`evaluation/cluster.py`) sit under its `cluster` key.
+(`evaluation/cluster.py`) sit under its `cluster` key. When the evaluation config has a
+`supervised` section, a third row reads the table: the same backbone from the same random
+initialisation trained end to end with the probe's own labels (same images, epochs and
+augmentation; the fine-tuning protocol's optimiser), under `supervised` in results.json — the
+level labels reach at this scale, so that the unsupervised rows can be read against it.
 """
 from __future__ import annotations
 
@@ -49,8 +53,17 @@ def _evaluate(config, eval_config, out: str, mesh) -> dict:
   random_init["cluster"] = cluster.cluster_probe(eval_config, params, stats, config.model, mesh,
                                                  os.path.join(out, "random_init", "cluster"))
 
-  table = metrics_lib.format_comparison({"CACL pretrained": pretrained, "random init": random_init})
-  results = {**pretrained, "random_init": random_init, "comparison": table}
+  rows = {"CACL pretrained": pretrained, "random init": random_init}
+  extra = {}
+  if eval_config.get("supervised"):
+    sup_config = ml_collections.ConfigDict(eval_config.to_dict())
+    sup_config.protocol = "linear"
+    sup_config.finetune = True
+    sup_config.update(eval_config.supervised.to_dict())
+    rows["supervised (labels)"] = extra["supervised"] = probe.linear_probe(
+        sup_config, params, stats, config.model, mesh, os.path.join(out, "supervised"))
+  table = metrics_lib.format_comparison(rows)
+  results = {**pretrained, "random_init": random_init, **extra, "comparison": table}
   if jax.process_index() == 0:
     paths.write_text_atomic(paths.resolve(out) / "results.json", json.dumps(results, indent=1))
     print(f"\nLinear and cluster protocols on the synthetic val set "
