@@ -56,6 +56,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.loss.pixel_match = "global"   # 'global' (eq. 4) | 'same_position' (Table 1a, pixel head alone)
   c.loss.pixel_negatives = "queue"  # 'queue' | 'queue+frame' (eq. 4's printed {p^i} ∪ p+^m)
   c.loss.global_pool = "after_head"  # 'after_head' l2n(mean g_G(h)) | 'before_head' g_G(GAP(h))
+  c.loss.affinity = "global_head"   # A and T from u (paper) | 'backbone': from h (DenseCL; diagnostic)
   c.loss.soft_cycle = True        # the soft cycle trick (KL to the soft target T)
   c.loss.soft_target = "cross"    # T: 'cross' û û+ᵀ | 'self' û ûᵀ | 'cycle' (losses.soft_cycle_target)
   c.loss.soft_target_identity = 0.0  # λ: target λ·I + (1−λ)·T (knowledge distillation's mix)

@@ -9,7 +9,8 @@ the losses compare), both in inference mode (running BN statistics, no pixel shu
 augmentation), as the linear probe reads them:
 
   match_true_acc    fraction of pixels i (whose scene point stays visible in v+) for which
-                    the global head's match m(i) = argmax_j û_i·û+_j (eq. 4) lands within
+                    the match m(i) = argmax_j û_i·û+_j (eq. 4; u, or h under
+                    `loss.affinity='backbone'`) lands within
                     one feature cell (Chebyshev) of the true correspondent;
   match_true_still  the same for the match m(i) = i (nothing moves): the score of a match that
                     only knows position, the level a position shortcut reaches;
@@ -138,7 +139,8 @@ def measure(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queue_c: j
   result = {}
   for k in MAPS:
     result[f"cos_within_{k}"], result[f"cos_cross_{k}"] = cosine_within_cross(flat[k])
-  u, u_pos = flat["u"], flat_pos["u"]
+  a = "h" if config.loss.get("affinity", "global_head") == "backbone" else "u"
+  u, u_pos = flat[a], flat_pos[a]   # the map that defines A and T (`loss.affinity`)
   tau_c = config.loss.temperature["cycle"]
   target = losses.soft_cycle_target(u, u_pos, tau_c, mode=config.loss.soft_target)
   result["soft_target_entropy"] = entropy_ratio(target)

@@ -33,6 +33,16 @@ HEADS = ("global", "pixel", "cycle")
 # Where GAP sits for L_G (SPEC §9): 'after_head' q = l2n(mean_i g_G(h)_i); 'before_head'
 # q = l2n(g_G(mean_i h_i)), MoCo-v2's order. u = g_G(h) per pixel defines A and T either way.
 GLOBAL_POOLS = ("after_head", "before_head")
+# Which map defines the affinity A (eq. 4's match) and the soft cycle target: the global head's
+# u (the paper: "we adopt global head's features") or, not the paper, the backbone map h
+# (DenseCL's choice) — a diagnostic reading that locates where the paper's reading fails.
+AFFINITIES = ("global_head", "backbone")
+
+
+def affinity_maps(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], config):
+  """(map on v, map on v+) [B, N, ·] that define A and T (`loss.affinity`); no gradient."""
+  key = "h" if config.loss.affinity == "backbone" else "u"
+  return (jax.lax.stop_gradient(_flat(out[key])), jax.lax.stop_gradient(_flat(out_pos[key])))
 
 
 @flax.struct.dataclass
@@ -67,6 +77,7 @@ def check_config(config) -> None:
              "loss.pixel_negatives": losses.PIXEL_NEGATIVES,
              "loss.soft_target": losses.SOFT_TARGETS,
              "loss.global_pool": GLOBAL_POOLS,
+             "loss.affinity": AFFINITIES,
              "model.shuffle_rolls": pixel_shuffle.ROLLS,
              "model.padding": PADDINGS}
   for dotted, allowed in choices.items():
@@ -134,8 +145,8 @@ def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L = w_G·L_G + w_P·L_P + w_C·L_C (SPEC §3, the §9 readings per config). A head with
   weight 0 is not computed."""
-  u, p, c = (_flat(out[k]) for k in "upc")
-  u_pos, p_pos, c_pos = (jax.lax.stop_gradient(_flat(out_pos[k])) for k in "upc")
+  p, c = (_flat(out[k]) for k in "pc")
+  p_pos, c_pos = (jax.lax.stop_gradient(_flat(out_pos[k])) for k in "pc")
   w, tau = config.loss.weights, config.loss.temperature
   zero = jnp.zeros((), jnp.float32)
   terms = {h: zero for h in HEADS}
@@ -143,13 +154,14 @@ def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues
     terms["global"] = losses.global_loss(global_map(out, config),
                                          jax.lax.stop_gradient(global_map(out_pos, config)),
                                          queues["global"], tau["global"])
+  a, a_pos = affinity_maps(out, out_pos, config)
   if w["pixel"]:
-    terms["pixel"] = losses.pixel_loss(p, p_pos, u, u_pos, queues["pixel"], tau["pixel"],
+    terms["pixel"] = losses.pixel_loss(p, p_pos, a, a_pos, queues["pixel"], tau["pixel"],
                                        match=config.loss.pixel_match,
                                        negatives=config.loss.pixel_negatives)
   if w["cycle"]:
     q_c = queues["cycle"] if config.loss.cycle_negatives else queues["cycle"][:0]
-    soft = (losses.soft_cycle_target(u, u_pos, tau["cycle"], mode=config.loss.soft_target,
+    soft = (losses.soft_cycle_target(a, a_pos, tau["cycle"], mode=config.loss.soft_target,
                                      identity_mix=config.loss.soft_target_identity)
             if config.loss.soft_cycle else None)
     terms["cycle"] = losses.cycle_loss(c, c_pos, q_c, tau["cycle"], soft_target=soft)

@@ -19,7 +19,7 @@ def sweep(workdir, *args):
 
 
 def test_two_variants_end_to_end_then_resume(tmp_path):
-  out = sweep(tmp_path, "--variants", "cacl,mocov2", "--seeds", "3", "--config.queue.size=32")
+  out = sweep(tmp_path, "--variants", "cacl,mocov2", "--seeds", "3", "--config.checkpoint_every_steps=2")
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   result = json.load(open(tmp_path / "sweep.json"))
   runs = {r["variant"]: r for r in result["runs"]}
@@ -31,7 +31,7 @@ def test_two_variants_end_to_end_then_resume(tmp_path):
     assert r["final_metrics"]["step"] == 4
   # The override and the seed reached the runs; the variant set its own loss weights.
   log = open(tmp_path / "mocov2" / "seed_3" / "log.txt").read()
-  assert "--config.seed=3" in log and "--config.queue.size=32" in log
+  assert "--config.seed=3" in log and "--config.checkpoint_every_steps=2" in log
   assert runs["mocov2"]["final_metrics"]["loss_pixel"] == 0.0
   assert runs["cacl"]["final_metrics"]["loss_pixel"] > 0.0
   summary = result["summary"]
@@ -41,7 +41,7 @@ def test_two_variants_end_to_end_then_resume(tmp_path):
   assert "| cacl |" in md and "| mocov2 |" in md and "38.2" in md
   assert os.path.getsize(tmp_path / "sweep.png") > 5000
   # Rerun: nothing is trained again.
-  again = sweep(tmp_path, "--variants", "cacl,mocov2", "--seeds", "3", "--config.queue.size=32")
+  again = sweep(tmp_path, "--variants", "cacl,mocov2", "--seeds", "3", "--config.checkpoint_every_steps=2")
   assert again.returncode == 0 and again.stdout.count("done already") == 2, again.stdout
 
 
