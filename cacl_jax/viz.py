@@ -235,7 +235,8 @@ def diagnostics_figure(records: Sequence[Mapping[str, float]], path: str) -> str
   panels = {t: keys for t, keys in panels.items() if keys}
   cols = 3
   rows = -(-len(panels) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False,
+                           layout="constrained")   # titles clear of the x labels above
   for ax, (title, keys) in zip(axes.flat, panels.items()):
     for key in keys:
       ys = np.array([r.get(key, np.nan) for r in records], float)
