@@ -176,8 +176,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   """batch: {'v', 'v_pos'}: uint8 [B, S, S, 3] (host-cropped pairs). Pure; jit it."""
   key = jax.random.wrap_key_data(state.rng)
   key, k_aug, k_aug_pos, k_roll, k_roll_pos, k_perm, k_enq = jax.random.split(key, 7)
-  v = augment.photometric(k_aug, batch["v"])
-  v_pos = augment.photometric(k_aug_pos, batch["v_pos"])
+  # Named scopes label every HLO op with its phase (benchmarks/profile_step.py reads them).
+  with jax.named_scope("augment"):
+    v = augment.photometric(k_aug, batch["v"])
+    v_pos = augment.photometric(k_aug_pos, batch["v_pos"])
   b, hgt, wid = v.shape[:3]
   shuffle = config.model.pixel_shuffle
   rolls = pixel_shuffle.draw_rolls(k_roll, b, hgt, wid) if shuffle else None
@@ -187,25 +189,31 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
   # Target on v+: no gradient ever reaches θt (stop_gradient here and inside the losses).
   perm = jax.random.permutation(k_perm, b) if config.model.get("bn_mode", "group") == "group" else None
-  out_pos, target_stats = forward(model, state.target_params, state.target_batch_stats,
-                                  v_pos, rolls_pos, perm)
-  out_pos = jax.lax.stop_gradient(out_pos)
+  with jax.named_scope("target"):
+    out_pos, target_stats = forward(model, state.target_params, state.target_batch_stats,
+                                    v_pos, rolls_pos, perm)
+    out_pos = jax.lax.stop_gradient(out_pos)
 
   def loss_fn(params):
-    out, stats = forward(model, params, state.batch_stats, v, rolls, None)
-    total, terms = cacl_losses(out, out_pos, state.queues, config)
+    with jax.named_scope("online"):
+      out, stats = forward(model, params, state.batch_stats, v, rolls, None)
+    with jax.named_scope("losses"):
+      total, terms = cacl_losses(out, out_pos, state.queues, config)
     return total, (terms, stats, out)
 
   (total, (terms, stats, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  m = ema.momentum_at(state.step, config.total_steps, config.model.ema_momentum,
-                      config.model.get("ema_cosine", False))
-  target_params = ema.update(state.target_params, params, m)
+  with jax.named_scope("optimizer"):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+  with jax.named_scope("ema"):
+    m = ema.momentum_at(state.step, config.total_steps, config.model.ema_momentum,
+                        config.model.get("ema_cosine", False))
+    target_params = ema.update(state.target_params, params, m)
 
-  queues, ptrs = dict(state.queues), dict(state.queue_ptrs)
-  for head, keys in new_keys(k_enq, out_pos, config).items():
-    queues[head], ptrs[head] = queue.enqueue(queues[head], ptrs[head], keys)
+  with jax.named_scope("queues"):
+    queues, ptrs = dict(state.queues), dict(state.queue_ptrs)
+    for head, keys in new_keys(k_enq, out_pos, config).items():
+      queues[head], ptrs[head] = queue.enqueue(queues[head], ptrs[head], keys)
 
   # Only what costs nothing is measured here; the diagnostics that need extra matmuls
   # (cycle-back rate, matches, cosines) run on logging steps in `diagnostics.py`.
