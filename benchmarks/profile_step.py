@@ -59,10 +59,13 @@ def _instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
   return out
 
 
-def _fusion_kind(hlo_text: str, computation: str) -> str:
-  """A fusion that wraps a conv or a dot counts as that (XLA:CPU fuses them with their epilogue)."""
+def _fusion_body(hlo_text: str, computation: str) -> str:
   m = re.search(r"%?" + re.escape(computation) + r" [^\n]*\{\n.*?\n\}", hlo_text, re.S)
-  body = m.group(0) if m else ""
+  return m.group(0) if m else ""
+
+
+def _fusion_kind(body: str) -> str:
+  """A fusion that wraps a conv or a dot counts as that (XLA:CPU fuses them with their epilogue)."""
   for op, kind in (("convolution(", "conv"), (" dot(", "dot")):
     if op in body:
       return kind
@@ -100,14 +103,22 @@ def profile(compiled, state, batch, steps: int) -> tuple[list[dict], float]:
         # A loop's or call's body ops are traced on their own: count those, not the loop.
         if ev.name in instr and instr[ev.name][0] not in ("while", "call", "conditional"):
           busy[ev.name] += ev.duration_ns / 1e3 / steps
-  rows, kinds = [], {}
+  rows = []
   for name, us in busy.items():
     op, op_name, calls = instr[name]
     kind = _KINDS.get(op, "other")
     if op == "fusion":
-      kind = kinds.setdefault(calls, _fusion_kind(hlo, calls))
-    rows.append({"op": name, "opcode": op, "kind": kind, "phase": phase_of(op_name),
-                 "op_name": op_name, "us": us})
+      body = _fusion_body(hlo, calls)
+      kind = _fusion_kind(body)
+      if not op_name:   # a fusion without metadata: take its first fused op's
+        inner = re.search(r'op_name="([^"]*)"', body)
+        op_name = inner.group(1) if inner else ""
+    phase = phase_of(op_name)
+    if phase == "other" and kind == "conv":
+      # The only convolutions XLA builds without source metadata are the transposed ones of
+      # the backward pass (weight gradients, in a [C_in, H, W, B] layout).
+      phase = "online backward"
+    rows.append({"op": name, "opcode": op, "kind": kind, "phase": phase, "op_name": op_name, "us": us})
   return sorted(rows, key=lambda r: -r["us"]), wall
 
 
@@ -123,7 +134,8 @@ def summarize(rows: list[dict], top: int) -> dict:
           "by_phase": [{"phase": p, "ms": us / 1e3, "share": us / total} for p, us in by_phase.most_common()],
           "by_phase_kind": [{"phase": p, "kind": k, "ms": us / 1e3, "share": us / total}
                             for (p, k), us in by.most_common()],
-          "top_ops": [{**r, "ms": r["us"] / 1e3, "share": r["us"] / total} for r in rows[:top]]}
+          "top_ops": [{**r, "ms": r["us"] / 1e3, "share": r["us"] / total} for r in rows[:top]],
+          "all_ops": [{**r, "ms": r["us"] / 1e3} for r in rows if r["us"] >= 100]}
 
 
 def main():

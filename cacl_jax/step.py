@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cacl_jax import ema, losses, pixel_shuffle, queue
 from cacl_jax.data import augment
-from cacl_jax.models.resnet import PADDINGS
+from cacl_jax.models.resnet import DTYPES, PADDINGS
 from cacl_jax.parallel import DATA
 
 HEADS = ("global", "pixel", "cycle")
@@ -68,7 +68,8 @@ def check_config(config) -> None:
              "loss.soft_target": losses.SOFT_TARGETS,
              "loss.global_pool": GLOBAL_POOLS,
              "model.shuffle_rolls": pixel_shuffle.ROLLS,
-             "model.padding": PADDINGS}
+             "model.padding": PADDINGS,
+             "model.dtype": DTYPES}
   for dotted, allowed in choices.items():
     section, key = dotted.split(".")
     if config[section][key] not in allowed:

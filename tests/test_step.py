@@ -11,7 +11,7 @@ import pytest
 from cacl_jax import defaults, ema, optim, parallel, pixel_shuffle, queue
 from cacl_jax import step as step_lib
 from cacl_jax.models.cacl import model_from_config
-from cacl_jax.models.resnet import GroupBatchNorm
+from cacl_jax.models.resnet import GroupBatchNorm, compute_dtype
 
 SIZE, BATCH = 32, 16
 
@@ -112,6 +112,39 @@ def test_sharded_enqueue_matches_unsharded():
   want[48:64] = np.asarray(keys)
   np.testing.assert_array_equal(np.asarray(q2), want)
   assert int(ptr) == 0 and q2.sharding.spec == spec
+
+
+# ---------------------------------------------------------------- backbone
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_max_pool_matches_reduce_window_values_and_gradient(padding):
+  # ReLU outputs: many exact ties (zeros), where the gradient must go to the first maximum.
+  from cacl_jax.models import resnet
+  import flax.linen as nn
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 15, 14, 3)))
+  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+  if padding == "circular":
+    ref = lambda t: nn.max_pool(jnp.pad(t, pad, mode="wrap"), (3, 3), strides=(2, 2), padding="VALID")
+  else:
+    ref = lambda t: nn.max_pool(t, (3, 3), strides=(2, 2), padding=pad[1:3])
+  ours = lambda t: resnet._max_pool(t, padding)
+  g = jax.random.normal(jax.random.key(1), ref(x).shape)
+  np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(ref(x)))
+  np.testing.assert_array_equal(np.asarray(jax.vjp(ours, x)[1](g)[0]), np.asarray(jax.vjp(ref, x)[1](g)[0]))
+
+
+def test_circular_padding_makes_the_backbone_roll_equivariant():
+  """model.padding='circular': rolling the image by a multiple of the output stride rolls the
+  feature map by exactly that / 8 (so pixel shuffle can leak no position)."""
+  c = tiny_config()
+  c.model.padding = "circular"
+  model = model_from_config(c.model)
+  x = jax.random.normal(jax.random.key(0), (4, SIZE, SIZE, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  apply = jax.jit(lambda t: model.apply(variables, t, train=False)["c"])
+  rolled = apply(jnp.roll(x, (8, 16), axis=(1, 2)))
+  np.testing.assert_allclose(np.asarray(rolled), np.asarray(jnp.roll(apply(x), (1, 2), axis=(1, 2))),
+                             rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- BN groups / shuffle-BN
@@ -265,3 +298,15 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses():
     assert metrics[k].dtype == jnp.float32 and np.isfinite(float(metrics[k]))
     # bf16 activations move the losses a little, not a lot.
     np.testing.assert_allclose(float(metrics[k]), ref[k], rtol=0.1, atol=0.05)
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
+  assert compute_dtype("auto", "gpu") == jnp.bfloat16 and compute_dtype("auto", "tpu") == jnp.bfloat16
+  assert compute_dtype("auto", "cpu") == jnp.float32 and compute_dtype("auto") == jnp.float32  # here
+  assert compute_dtype("bfloat16", "cpu") == jnp.bfloat16
+  with pytest.raises(ValueError, match="model.dtype"):
+    compute_dtype("float16")
+  c = tiny_config()
+  c.model.dtype = "half"
+  with pytest.raises(ValueError, match="model.dtype must be one of"):
+    step_lib.check_config(c)
