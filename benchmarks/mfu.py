@@ -6,8 +6,9 @@
 
 Compiles the whole CACL step (augmentation, target, online, three losses with K-long queues,
 LARS, EMA, enqueue; the paper's soft cycle) over every local device, with the batch split over
-them. Flops per step come from XLA's cost analysis of the compiled (per-device) program; the
-step is timed after a warm-up (median of `--steps`). Prints pairs/s, backbone images/s (two per
+them. Flops per step come from XLA's cost analysis of the step (traced once more with the
+loss's chunk loops unrolled, whose bodies it would otherwise count once), divided by the device
+count; the step is timed after a warm-up (median of `--steps`). Prints pairs/s, backbone images/s (two per
 pair: target and online), achieved TFLOP/s per device, and MFU against the chip's dense bf16
 peak (table below; `--peak_tflops` for another chip). On a CPU there is no peak to compare
 with: the table gives GFLOP/s. Writes benchmarks/results/mfu.json.
@@ -40,6 +41,24 @@ def peak_tflops(device_kind: str) -> float | None:
   return None
 
 
+def step_flops(config, state, batch) -> float:
+  """Flops of one step per device, from XLA's cost analysis of the step traced with the loss's
+  chunk loops unrolled (a loop body counts once otherwise: the streamed negatives would be
+  undercounted ~K/1024-fold). Only lowered, never compiled or run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cacl_jax import loss_kernels, optim, parallel, step as step_lib  # pylint: disable=g-import-not-at-top
+  from cacl_jax.models.cacl import model_from_config  # pylint: disable=g-import-not-at-top
+  model = model_from_config(config.model)
+  tx, schedule = optim.make_optimizer(config)
+  mesh = parallel.make_mesh()
+  shardings = step_lib.state_shardings(jax.eval_shape(lambda: state), mesh)
+  with loss_kernels.loops_unrolled():   # a fresh jit: its trace sees the unrolled loops
+    lowered = step_lib.jit_train_step(model, tx, schedule, config, mesh, shardings).lower(state, batch)
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) / mesh.devices.size
+
+
 def measure(backbone, width, size, per_device_batch, queue, dtype, steps, group):
   import jax  # pylint: disable=g-import-not-at-top
   n = jax.device_count()
@@ -47,9 +66,7 @@ def measure(backbone, width, size, per_device_batch, queue, dtype, steps, group)
   config = common.step_config(backbone, width, size, batch, queue, group=min(group, batch),
                               soft_cycle=True, dtype=dtype)
   compiled, state, data, compile_s = common.build_step(config)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0))             # per device: the SPMD-partitioned program
+  flops = step_flops(config, state, data)
   times, _ = common.time_steps(compiled, state, data, steps)
   dt = statistics.median(times)
   return {"backbone": backbone, "width_divisor": width, "image_size": size, "dtype": dtype,

@@ -29,6 +29,7 @@ Every matmul is float32 at `Precision.HIGHEST` (see `losses.py`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -36,6 +37,23 @@ import jax.numpy as jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TINY = float(jnp.finfo(jnp.float32).tiny)
+_UNROLL = False   # see `loops_unrolled`
+
+
+@contextlib.contextmanager
+def loops_unrolled():
+  """Traces the chunk loops unrolled, for counting flops only (benchmarks/mfu.py).
+
+  XLA's cost analysis counts a loop body once, whatever its trip count. Unrolled, the count is
+  exact, but XLA then keeps every chunk's block alive at once (12x the memory of the pixel
+  loss at the paper's size), so training never runs this way. Trace a fresh function inside.
+  """
+  global _UNROLL
+  _UNROLL = True
+  try:
+    yield
+  finally:
+    _UNROLL = False
 
 
 def _dot(a, b):
@@ -44,15 +62,26 @@ def _dot(a, b):
 
 
 def _chunked(x, size):
-  """Rows of x [R, ...] → ([n, size, ...] zero-padded, valid [n, size], n) with size ≤ R."""
+  """Rows of x [R, ...] → ([n, size, ...] zero-padded, valid [n, size] or None, n), size ≤ R.
+
+  `valid` is None when no row is padding (then nothing needs masking)."""
   rows = x.shape[0]
   size = max(1, min(size, rows))
   n = -(-rows // size)
   size = -(-rows // n)   # the same number of chunks, as little padding as possible
+  valid = None
   if n * size != rows:
     x = jnp.pad(x, [(0, n * size - rows)] + [(0, 0)] * (x.ndim - 1))
-  valid = (jnp.arange(n * size) < rows).reshape(n, size)
+    valid = (jnp.arange(n * size) < rows).reshape(n, size)
   return x.reshape((n, size) + x.shape[1:]), valid, n
+
+
+def _lse_parts(logits):
+  """(max m, exp(logits − m), logsumexp) along the last axis, one exp pass. Every row has a
+  finite entry here (a chunk always holds at least one real row), so m is finite."""
+  m = jnp.max(logits, axis=-1)
+  e = jnp.exp(logits - m[..., None])
+  return m, e, m + jnp.log(jnp.sum(e, axis=-1))
 
 
 def _scan(body, carry, xs, n):
@@ -60,7 +89,7 @@ def _scan(body, carry, xs, n):
   if n == 1:
     carry, out = body(carry, jax.tree.map(lambda t: t[0], xs))
     return carry, jax.tree.map(lambda t: t[None], out)
-  return jax.lax.scan(body, carry, xs)
+  return jax.lax.scan(body, carry, xs, unroll=True if _UNROLL else 1)
 
 
 def _unchunk(y, rows):
@@ -81,14 +110,16 @@ def _stream(x, queue, chunk, with_mean):
   def body(carry, block):
     lse, mean = carry
     keys, ok = block
-    logits = jnp.where(ok, _dot(x, keys), -jnp.inf)       # [..., chunk]
-    block_lse = jax.nn.logsumexp(logits, axis=-1)
+    logits = _dot(x, keys)                                # [..., chunk]
+    if ok is not None:
+      logits = jnp.where(ok, logits, -jnp.inf)
+    m, e, block_lse = _lse_parts(logits)
     new = jnp.logaddexp(lse, block_lse)
     if with_mean:
-      # This block's softmax-weighted mean, merged with the running one by their weights.
-      block_mean = jnp.einsum('...c,cd->...d', jnp.exp(logits - block_lse[..., None]), keys,
-                              precision=_HIGHEST)
-      mean = (mean * jnp.exp(lse - new)[..., None] + block_mean * jnp.exp(block_lse - new)[..., None])
+      # This block's softmax-weighted mean, merged with the running one by their weights
+      # (the exponent of (block_lse − new) absorbs this block's exp(m) normaliser).
+      block_sum = jnp.einsum('...c,cd->...d', e, keys, precision=_HIGHEST)
+      mean = mean * jnp.exp(lse - new)[..., None] + block_sum * jnp.exp(m - new)[..., None]
     return (new, mean), None
 
   init = (jnp.full(lead, -jnp.inf, jnp.float32),
@@ -142,7 +173,8 @@ def _normalisers(a, b, row_chunk):
   def body(col, block):
     a_blk, ok = block
     s = _dot(a_blk, b)                                               # [R, N]
-    col = jnp.logaddexp(col, jax.nn.logsumexp(jnp.where(ok[:, None], s, -jnp.inf), axis=0))
+    s_real = s if ok is None else jnp.where(ok[:, None], s, -jnp.inf)   # padded rows: no column
+    col = jnp.logaddexp(col, jax.nn.logsumexp(s_real, axis=0))
     return col, jax.nn.logsumexp(s, axis=1)
 
   col, row = _scan(body, jnp.full(b.shape[:1], -jnp.inf, jnp.float32), (rows, valid), n)
