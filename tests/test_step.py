@@ -310,3 +310,21 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
   c.model.dtype = "half"
   with pytest.raises(ValueError, match="model.dtype must be one of"):
     step_lib.check_config(c)
+
+
+def test_cpu_compiler_options_go_to_full_width_backbones_and_keep_the_numbers():
+  c = tiny_config()
+  mesh = parallel.make_mesh(1)
+  assert step_lib.compiler_options(c, mesh) is None          # the narrow variants keep XLA's default
+  c.model.width_divisor = 1
+  options = step_lib.compiler_options(c, mesh)
+  assert options == step_lib._EIGEN_CONVOLUTIONS
+  # The same float32 convolution, another library: equal up to rounding.
+  x = jax.random.normal(jax.random.key(0), (2, 12, 12, 32))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  default = conv.lower(x, w).compile()
+  eigen = conv.lower(x, w).compile(compiler_options=options)
+  assert default.as_text() != eigen.as_text()
+  np.testing.assert_allclose(np.asarray(eigen(x, w)), np.asarray(default(x, w)), rtol=1e-4, atol=1e-4)
