@@ -79,8 +79,13 @@ def phase_of(op_name: str) -> str:
   return "other"
 
 
-def profile(compiled, state, batch, steps: int) -> tuple[list[dict], float]:
-  """Per-op time (µs per step) of `steps` steps under the profiler, and the traced wall time."""
+def profile(compiled, state, batch, steps: int) -> tuple[list[dict], float, float]:
+  """Per-op time (µs per step) of `steps` steps under the profiler, the wall seconds per step,
+  and the seconds per step during which at least one traced op ran.
+
+  XLA:CPU traces its kernel and library-fusion thunks but not Eigen's convolutions (which
+  full-width backbones use on a CPU, `step.compiler_options`): the wall time no traced op
+  covers is reported as theirs."""
   import jax  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   hlo = compiled.as_text()
@@ -96,13 +101,15 @@ def profile(compiled, state, batch, steps: int) -> tuple[list[dict], float]:
     wall = (time.perf_counter() - t0) / steps
     jax.profiler.stop_trace()
     data = jax.profiler.ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
-  busy = collections.Counter()
+  busy, intervals = collections.Counter(), []
   for plane in data.planes:
     for line in plane.lines:
       for ev in line.events:
         # A loop's or call's body ops are traced on their own: count those, not the loop.
         if ev.name in instr and instr[ev.name][0] not in ("while", "call", "conditional"):
           busy[ev.name] += ev.duration_ns / 1e3 / steps
+          intervals.append((ev.start_ns, ev.end_ns))
+  covered = _union_ns(intervals) / 1e9 / steps   # seconds per step
   rows = []
   for name, us in busy.items():
     op, op_name, calls = instr[name]
@@ -119,7 +126,18 @@ def profile(compiled, state, batch, steps: int) -> tuple[list[dict], float]:
       # the backward pass (weight gradients, in a [C_in, H, W, B] layout).
       phase = "online backward"
     rows.append({"op": name, "opcode": op, "kind": kind, "phase": phase, "op_name": op_name, "us": us})
-  return sorted(rows, key=lambda r: -r["us"]), wall
+  return sorted(rows, key=lambda r: -r["us"]), wall, covered
+
+
+def _union_ns(intervals) -> int:
+  """Length of the union of [start, end) intervals."""
+  total, end = 0, None
+  for a, b in sorted(intervals):
+    if end is None or a > end:
+      total, end = total + (b - a), b
+    elif b > end:
+      total, end = total + (b - end), b
+  return total
 
 
 def summarize(rows: list[dict], top: int) -> dict:
@@ -151,19 +169,25 @@ def main():
   ap.add_argument("--top", type=int, default=10)
   ap.add_argument("--out", default=os.path.join(common.RESULTS, "profile_step.json"))
   args = ap.parse_args()
+  from cacl_jax import parallel, step as step_lib  # pylint: disable=g-import-not-at-top
 
   results = []
   for size in args.size:
     config = common.step_config(args.backbone, args.width, size, args.batch, args.queue,
                                 soft_cycle=args.soft_cycle, dtype=args.dtype)
     compiled, state, batch, compile_s = common.build_step(config)
-    rows, wall = profile(compiled, state, batch, args.steps)
+    options = step_lib.compiler_options(config, parallel.make_mesh())
+    rows, wall, covered = profile(compiled, state, batch, args.steps)
     summary = summarize(rows, args.top)
     setting = f"{args.backbone} ÷{args.width}, {size} px, batch {args.batch}, K {args.queue}"
+    untraced = max(wall - covered, 0.0)
     results.append({"setting": setting, "image_size": size, "wall_ms": wall * 1e3,
+                    "untraced_wall_ms": untraced * 1e3, "compiler_options": options,
                     "compile_s": compile_s, **summary})
     print(f"\n== {setting}: {wall * 1e3:.0f} ms/step wall, {summary['busy_ms']:.0f} ms busy "
-          f"(op time summed over threads)")
+          f"(op time summed over threads); compiler options {options}")
+    print(f"wall time with no traced op running (Eigen convolutions when used, dispatch): "
+          f"{untraced * 1e3:.0f} ms ({100 * untraced / wall:.0f} % of the step)")
     print(f"{'phase':<17} {'kind':<14} {'ms':>9} {'share':>6}")
     for r in summary["by_phase_kind"][:args.top]:
       print(f"{r['phase']:<17} {r['kind']:<14} {r['ms']:>9.1f} {100 * r['share']:>5.1f}%")
