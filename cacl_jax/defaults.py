@@ -57,8 +57,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.loss.pixel_match = "global"   # 'global' (eq. 4) | 'same_position' (Table 1a, pixel head alone)
   c.loss.pixel_negatives = "queue"  # 'queue' | 'queue+frame' (eq. 4's printed {p^i} ∪ p+^m)
   c.loss.global_pool = "after_head"  # 'after_head' l2n(mean g_G(h)) | 'before_head' g_G(GAP(h))
+  c.loss.affinity = "global_head"   # A and T from u (paper) | 'backbone': from h (DenseCL; diagnostic)
   c.loss.soft_cycle = True        # the soft cycle trick (KL to the soft target T)
   c.loss.soft_target = "cross"    # T: 'cross' û û+ᵀ | 'self' û ûᵀ | 'cycle' (losses.soft_cycle_target)
+  c.loss.soft_target_identity = 0.0  # λ: target λ·I + (1−λ)·T (knowledge distillation's mix)
   c.loss.cycle_negatives = True   # Q_C in the cycle path
 
   c.queue = ml_collections.ConfigDict()
@@ -94,6 +96,13 @@ def eval_config() -> ml_collections.ConfigDict:
   c.weight_decay = 0.0
   c.log_every_steps = 100
   c.num_figure_images = 4                    # val samples in the image / GT / prediction grid
+  c.protocol = "linear"                      # 'linear' (1×1 conv) | 'cluster' (k-means, no labels)
+
+  c.cluster = ml_collections.ConfigDict()    # protocol='cluster' (evaluation/cluster.py)
+  c.cluster.num_clusters = 0                 # k; 0 = the number of classes; more = over-clustering
+  c.cluster.fit_pixels = 100_000             # feature cells drawn from the val images to fit k-means
+  c.cluster.num_iters = 50                   # Lloyd iterations per restart
+  c.cluster.num_restarts = 5                 # k-means++ restarts; the best by total similarity wins
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ""                           # 'synthetic' | 'voc' | 'cityscapes'
@@ -104,4 +113,33 @@ def eval_config() -> ml_collections.ConfigDict:
   c.data.eval_pad_size = (512, 512)          # val images are padded (label 255) to this, never resized
   c.data.num_workers = 8
   c.data.prefetch = 2
+  return c
+
+
+def propagation_config() -> ml_collections.ConfigDict:
+  """Every `propagate` key: DAVIS-2017 label propagation with CRW's settings (Jabri et al. 2020,
+  README of github.com/ajabri/videowalk: --topk 10 --videoLen 20 --radius 12 --temperature 0.05
+  --cropSize -1). See cacl_jax/evaluation/propagation.py for the algorithm."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.pretrained = ""                          # pretraining workdir (or a `convert from-torch` DIR)
+  c.checkpoint_step = ml_collections.config_dict.placeholder(int)  # None = newest checkpoint
+  c.features = "backbone"                    # 'backbone' (OS8 map) | 'u' | 'p' | 'c' (a head on it)
+  c.batch_size = 8                           # frames per feature batch
+  c.num_epochs = 0                           # nothing is trained (the SPEC's evaluation keys)
+  c.save_masks = True                        # WORKDIR/masks/<sequence>/<frame>.png
+  c.num_figure_sequences = 3                 # overlay figures of the first sequences
+
+  c.propagation = ml_collections.ConfigDict()
+  c.propagation.context = 20                 # n: the last n frames besides the first (videoLen)
+  c.propagation.topk = 10                    # k
+  c.propagation.radius = 12.0                # in feature cells, short-term frames only
+  c.propagation.temperature = 0.05           # τ
+  c.propagation.query_chunk = 1024           # query cells per affinity block (memory)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "davis"
+  c.data.root = ""                           # python -m cacl_jax.prepare_data davis --out DATA
+  c.data.split = "val"
+  c.data.image_size = 0                      # frames' short side for the network; 0 = native 480p
   return c

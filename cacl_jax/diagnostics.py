@@ -9,8 +9,11 @@ the losses compare), both in inference mode (running BN statistics, no pixel shu
 augmentation), as the linear probe reads them:
 
   match_true_acc    fraction of pixels i (whose scene point stays visible in v+) for which
-                    the global head's match m(i) = argmax_j û_i·û+_j (eq. 4) lands within
+                    the match m(i) = argmax_j û_i·û+_j (eq. 4; u, or h under
+                    `loss.affinity='backbone'`) lands within
                     one feature cell (Chebyshev) of the true correspondent;
+  match_true_still  the same for the match m(i) = i (nothing moves): the score of a match that
+                    only knows position, the level a position shortcut reaches;
   match_label_acc   fraction of pixels whose match has the same class (cell majority label);
   match_label_chance  the same for a match drawn uniformly at random: Σ_c P_v(c)·P_v+(c);
   match_object_acc, match_object_chance  the same two over the object pixels of v only
@@ -18,6 +21,10 @@ augmentation), as the linear probe reads them:
   cos_within_X      mean cosine between two different pixels of one image, X ∈ {h, u, p, c}
                     (backbone h and the three heads); 1 = collapsed within the image;
   cos_cross_X       mean cosine between pixels of different images;
+  class_sep_X       (synthetic) mean cosine between object cells of the same class in two
+                    different images minus that between object cells of different classes in
+                    two different images, X ∈ {h, u, p, c}: > 0 when the embedding groups the
+                    classes across images, the structure a linear probe needs;
   soft_target_entropy  mean entropy of the soft cycle target's rows T_i / log N (1 = uniform);
   cycle_return      the cycle's return-to-self rate: fraction of pixels with argmax_j M_ij = i
                     over all N + K columns (eq. 5, the training τ and Q_C).
@@ -57,6 +64,26 @@ def cosine_within_cross(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return within, cross
 
 
+def class_separation(x: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """x [B, N, D], labels int [B, N] (0 = background, ignored) -> scalar: mean cosine over
+  pairs of object cells of one class from different images minus that over pairs of
+  different classes from different images. From per-image class sums, O(B·N·D)."""
+  x = losses.l2n(x.astype(jnp.float32))
+  y = jax.nn.one_hot(labels, num_classes)[..., 1:]  # [B, N, C-1], background dropped
+  per_image = jnp.einsum("bnc,bnd->bcd", y, x)       # S_bc
+  per_class = jnp.sum(per_image, axis=0)             # T_c
+  counts_bc = jnp.sum(y, axis=1)                     # n_bc
+  counts_c = jnp.sum(counts_bc, axis=0)
+  sq = lambda v: jnp.sum(jnp.square(v), axis=-1)
+  same_sum = jnp.sum(sq(per_class)) - jnp.sum(sq(per_image))
+  same_n = jnp.sum(jnp.square(counts_c)) - jnp.sum(jnp.square(counts_bc))
+  all_sum = sq(jnp.sum(per_class, axis=0)) - jnp.sum(sq(jnp.sum(per_image, axis=1)))
+  all_n = jnp.square(jnp.sum(counts_c)) - jnp.sum(jnp.square(jnp.sum(counts_bc, axis=1)))
+  same = same_sum / jnp.maximum(same_n, 1)
+  diff = (all_sum - same_sum) / jnp.maximum(all_n - same_n, 1)
+  return same - diff
+
+
 def argmax_weights(scores: jax.Array) -> jax.Array:
   """[..., M] -> [..., M] weights: 1/|ties| on every maximal entry, 0 elsewhere."""
   top = scores == jnp.max(scores, axis=-1, keepdims=True)
@@ -91,10 +118,10 @@ def entropy_ratio(target: jax.Array) -> jax.Array:
   return jnp.mean(ent) / np.log(n)
 
 
-def cell_hits(true_cell: jax.Array, grid_w: int) -> jax.Array:
-  """true_cell int [B, N] (cell index in v+) -> bool [B, N, N]: cell j within one cell of it."""
-  n = true_cell.shape[-1]
-  j = jnp.arange(n)
+def cell_hits(true_cell: jax.Array, grid_w: int, num_cells: int | None = None) -> jax.Array:
+  """true_cell int [B, N] (cell index in v+) -> bool [B, N, M]: cell j of v+'s M cells (default
+  M = N) within one cell (Chebyshev) of the true one."""
+  j = jnp.arange(num_cells or true_cell.shape[-1])
   jy, jx = j // grid_w, j % grid_w
   ty, tx = true_cell[..., None] // grid_w, true_cell[..., None] % grid_w
   return jnp.maximum(jnp.abs(jy - ty), jnp.abs(jx - tx)) <= 1
@@ -112,7 +139,8 @@ def measure(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queue_c: j
   result = {}
   for k in MAPS:
     result[f"cos_within_{k}"], result[f"cos_cross_{k}"] = cosine_within_cross(flat[k])
-  u, u_pos = flat["u"], flat_pos["u"]
+  a = "h" if config.loss.get("affinity", "global_head") == "backbone" else "u"
+  u, u_pos = flat[a], flat_pos[a]   # the map that defines A and T (`loss.affinity`)
   tau_c = config.loss.temperature["cycle"]
   target = losses.soft_cycle_target(u, u_pos, tau_c, mode=config.loss.soft_target)
   result["soft_target_entropy"] = entropy_ratio(target)
@@ -121,8 +149,10 @@ def measure(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queue_c: j
     affinity = jnp.einsum("bnd,bmd->bnm", losses.l2n(u.astype(jnp.float32)),
                           losses.l2n(u_pos.astype(jnp.float32)))
     grid_w = out["u"].shape[2]
-    result["match_true_acc"] = match_rate(affinity, cell_hits(truth["true_cell"], grid_w),
-                                          truth["valid"])
+    hits = cell_hits(truth["true_cell"], grid_w)
+    result["match_true_acc"] = match_rate(affinity, hits, truth["valid"])
+    still = jnp.broadcast_to(jnp.eye(hits.shape[-1]), affinity.shape)
+    result["match_true_still"] = match_rate(still, hits, truth["valid"])
     labels, labels_pos = truth["labels"], truth["labels_pos"]
     same = labels[..., :, None] == labels_pos[..., None, :]
     objects = labels > 0
@@ -130,6 +160,8 @@ def measure(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queue_c: j
     result["match_label_chance"] = label_chance(labels, labels_pos, synthetic.NUM_CLASSES)
     result["match_object_acc"] = match_rate(affinity, same, objects)
     result["match_object_chance"] = label_chance(labels, labels_pos, synthetic.NUM_CLASSES, objects)
+    for k in MAPS:
+      result[f"class_sep_{k}"] = class_separation(flat[k], labels, synthetic.NUM_CLASSES)
   return result
 
 

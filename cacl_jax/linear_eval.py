@@ -1,7 +1,9 @@
-"""Evaluation entry: the linear protocol (or limited-sample fine-tuning) of a pretraining run.
+"""Evaluation entry: the linear protocol (or limited-sample fine-tuning, or the label-free
+cluster protocol) of a pretraining run.
 
   python -m cacl_jax.linear_eval --config configs/linear_eval_cityscapes.py \
       --workdir DIR --config.pretrained=PRETRAIN_DIR [--config.KEY=VALUE ...]
+  ... --config.protocol=cluster [--config.cluster.num_clusters=K]   # k-means + Hungarian
 
 Writes DIR/results.json (miou, macc, per_class_iou, per_class_acc, num_images,
 checkpoint_step, checkpoint_path, config), DIR/confusion_matrix.png, DIR/predictions.png and
@@ -40,7 +42,8 @@ def main(argv):
     # Configuration / input mistakes: one clear line, no traceback.
     print(f"linear_eval: error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"mIoU {results['miou']:.1f}  mAcc {results['macc']:.1f}  "
+  print(f"{results['mode']}: mIoU {results['miou']:.1f}  mAcc {results['macc']:.1f}  "
+        f"pixel acc {results['pixel_acc']:.1f}  "
         f"({results['num_images']} val images, checkpoint step {results['checkpoint_step']})")
 
 

@@ -333,7 +333,7 @@ def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = 
 SOFT_TARGETS = ('cross', 'self', 'cycle')
 
 
-def soft_cycle_target(u, u_pos, temperature, mode='cross'):
+def soft_cycle_target(u, u_pos, temperature, mode='cross', identity_mix=0.0):
   """The soft-cycle target T (SPEC §3 and §9, "soft cycle trick"): [B, N, N].
 
   The paper: "modifies the one-hot target to softmax(⟨u, u+⟩/τ) ... we adopt the global head
@@ -344,9 +344,13 @@ def soft_cycle_target(u, u_pos, temperature, mode='cross'):
              (row i peaks at i and spreads over pixels the global head finds alike);
     'cycle': softmax_rows(û û+ᵀ/τ) softmax_rows(û+ ûᵀ/τ), the global head's own two-jump
              walk v → v+ → v, indexed like M.
+  `identity_mix` = λ returns λ·I + (1 − λ)·T: the paper calls the trick "the key idea of
+  knowledge distillation (Hinton et al.)", whose loss weighs the hard labels (here the
+  one-hot return to self, eq. 6) against the soft targets; CE(M, λI + (1−λ)T) is exactly
+  λ·CE(M, I) + (1−λ)·CE(M, T). λ = 0 is the printed replacement.
 
   Args: u [B, N, D] online global-head map on v; u_pos [B, N, D] target global-head map on
-    v+ (unused for 'self'); temperature τ > 0; mode as above.
+    v+ (unused for 'self'); temperature τ > 0; mode as above; identity_mix λ ∈ [0, 1].
   Returns: [B, N, N] float32, rows sum to 1, gradient-stopped (it is a target).
   """
   tau = _temperature('soft_cycle_target', temperature)
@@ -361,6 +365,8 @@ def soft_cycle_target(u, u_pos, temperature, mode='cross'):
     if mode == 'cycle':
       back = jax.nn.softmax(_sim(u_pos_hat, u_hat, tau), axis=-1)
       target = jnp.einsum('bij,bjk->bik', target, back, precision=_HIGHEST)
+  if identity_mix:
+    target = identity_mix * jnp.eye(target.shape[-1]) + (1.0 - identity_mix) * target
   return jax.lax.stop_gradient(target)
 
 

@@ -7,7 +7,12 @@
 Resumes by itself from DIR/checkpoints. Multi-host: on Cloud TPU pods the peers are found
 automatically; elsewhere pass --coordinator_address HOST:PORT --num_processes N --process_id I.
 A config that chains an evaluation (`eval_after`, as configs/demo.py does) runs it afterwards.
+
+Exit codes: 0 when the run finished or was preempted (SIGTERM: the step reached is saved, and a
+chained evaluation is left for the rerun that finishes the run); 1 with one `error:` line for
+bad input, a busy or changed workdir, divergence, a dead data worker or a file-system error.
 """
+import signal
 import sys
 
 from absl import app, flags
@@ -28,17 +33,34 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   # Imported after flag parsing so that `--help` and flag errors are instant.
-  from cacl_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  from cacl_jax import parallel, runlock, train  # pylint: disable=g-import-not-at-top
   from cacl_jax.evaluation import demo  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
+  # SIGTERM outside the training loop (start-up, the chained evaluation): stop at once, exit 0;
+  # inside the loop train.run takes it over to save the step first.
+  signal.signal(signal.SIGTERM, _preempted)
   try:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     train.run(config, FLAGS.workdir)
-  except (train.UsageError, train.TrainingDiverged) as e:
-    sys.exit(f"cacl_jax.main: error: {e}")
-  if config.eval_after:
-    demo.evaluate_after_pretraining(config, FLAGS.workdir)
+    if config.eval_after:
+      demo.evaluate_after_pretraining(config, FLAGS.workdir)
+  except train.Preempted as e:
+    print(f"{e}; rerun the same command to continue", flush=True)
+  except (train.UsageError, train.TrainingDiverged, train.DataWorkerDied, runlock.WorkdirBusy,
+          OSError) as e:
+    sys.exit(f"cacl_jax.main: error: {_one_line(e)}")
+
+
+def _preempted(signum, frame):
+  del signum, frame
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not interrupt the exit
+  from cacl_jax import train  # pylint: disable=g-import-not-at-top
+  raise train.Preempted("SIGTERM outside the training loop: stopped, nothing lost")
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split("\n")).strip() or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 r"""Turns raw datasets into TFDS ArrayRecord datasets that training reads with grain.
 
-  python -m cacl_jax.prepare_data {kinetics|imagenet|voc|cityscapes} --src RAW --out DATA
+  python -m cacl_jax.prepare_data {kinetics|imagenet|voc|cityscapes|davis} --src RAW --out DATA
 
 Raw layouts are those of SPEC §8 (see each builder in `cacl_jax.data.builders`). The work
 runs in `--workers` processes (default: all cores) with a progress bar, and is resumable:
@@ -27,7 +27,7 @@ import sys
 
 from cacl_jax.data import decode
 
-DATASETS = ("kinetics", "imagenet", "voc", "cityscapes")
+DATASETS = ("kinetics", "imagenet", "voc", "cityscapes", "davis")
 REPORT_FILE = "prepare_report.json"
 
 
@@ -90,6 +90,16 @@ def _print_summary(name: str, splits: dict, report_path: str, max_names: int = 1
       print(f"  ... {r['num_skipped'] - max_names} more in {report_path}")
 
 
+def _remove_incomplete(dataset_dir: str) -> None:
+  """Deletes the `incomplete.*` build directories a killed run left (TFDS builds in one and
+  renames it when done; the readers never take one for the dataset). One prepare_data per
+  DATA dir at a time: a running build's directory would be deleted too."""
+  for name in sorted(os.listdir(dataset_dir)) if os.path.isdir(dataset_dir) else ():
+    if name.startswith("incomplete."):
+      print(f"removing {os.path.join(dataset_dir, name)}, left by an interrupted run")
+      shutil.rmtree(os.path.join(dataset_dir, name))
+
+
 def main(argv: list[str] | None = None) -> dict:
   """Prepares one dataset; returns its prepare-report entry ({'tfds_name', 'splits', ...})."""
   args = parse_args(argv)
@@ -107,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     with open(path) as f:
       return json.load(f).get(args.dataset, {})
   builder.list_source()  # a wrongly laid out source fails here, before any work
+  _remove_incomplete(os.path.dirname(os.fspath(builder.data_dir)))
   builder.download_and_prepare()
   entry = {"tfds_name": builder.name, "data_dir": os.fspath(builder.data_dir),
            "options": dict(builder.info.metadata.get("options", {})), "splits": builder.report}
@@ -129,4 +140,9 @@ if __name__ == "__main__":
   except (FileNotFoundError, ValueError) as e:
     # Bad input is the user's to fix: one line, no traceback.
     print(f"prepare_data: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:
+    # Disk full, quota, a file system gone: finished work is cached; the rerun resumes.
+    print(f"prepare_data: error: {e}; the work done so far is kept in --out/.cache: fix this "
+          "and rerun the same command to resume", file=sys.stderr)
     sys.exit(2)

@@ -34,6 +34,16 @@ HEADS = ("global", "pixel", "cycle")
 # Where GAP sits for L_G (SPEC §9): 'after_head' q = l2n(mean_i g_G(h)_i); 'before_head'
 # q = l2n(g_G(mean_i h_i)), MoCo-v2's order. u = g_G(h) per pixel defines A and T either way.
 GLOBAL_POOLS = ("after_head", "before_head")
+# Which map defines the affinity A (eq. 4's match) and the soft cycle target: the global head's
+# u (the paper: "we adopt global head's features") or, not the paper, the backbone map h
+# (DenseCL's choice) — a diagnostic reading that locates where the paper's reading fails.
+AFFINITIES = ("global_head", "backbone")
+
+
+def affinity_maps(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], config):
+  """(map on v, map on v+) [B, N, ·] that define A and T (`loss.affinity`); no gradient."""
+  key = "h" if config.loss.affinity == "backbone" else "u"
+  return (jax.lax.stop_gradient(_flat(out[key])), jax.lax.stop_gradient(_flat(out_pos[key])))
 
 
 @flax.struct.dataclass
@@ -68,6 +78,7 @@ def check_config(config) -> None:
              "loss.pixel_negatives": losses.PIXEL_NEGATIVES,
              "loss.soft_target": losses.SOFT_TARGETS,
              "loss.global_pool": GLOBAL_POOLS,
+             "loss.affinity": AFFINITIES,
              "model.shuffle_rolls": pixel_shuffle.ROLLS,
              "model.padding": PADDINGS,
              "model.dtype": DTYPES}
@@ -76,6 +87,8 @@ def check_config(config) -> None:
     if config[section][key] not in allowed:
       raise ValueError(f"{dotted} must be one of {', '.join(map(repr, allowed))}, "
                        f"got {config[section][key]!r}")
+  if not 0.0 <= config.loss.soft_target_identity <= 1.0:
+    raise ValueError(f"loss.soft_target_identity must lie in [0, 1], got {config.loss.soft_target_identity}")
   if not any(config.loss.weights[h] for h in HEADS):
     raise ValueError("loss.weights: at least one head needs a non-zero weight")
 
@@ -134,8 +147,8 @@ def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L = w_G·L_G + w_P·L_P + w_C·L_C (SPEC §3, the §9 readings per config). A head with
   weight 0 is not computed."""
-  u, p, c = (_flat(out[k]) for k in "upc")
-  u_pos, p_pos, c_pos = (jax.lax.stop_gradient(_flat(out_pos[k])) for k in "upc")
+  p, c = (_flat(out[k]) for k in "pc")
+  p_pos, c_pos = (jax.lax.stop_gradient(_flat(out_pos[k])) for k in "pc")
   w, tau = config.loss.weights, config.loss.temperature
   zero = jnp.zeros((), jnp.float32)
   terms = {h: zero for h in HEADS}
@@ -143,13 +156,15 @@ def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues
     terms["global"] = losses.global_loss(global_map(out, config),
                                          jax.lax.stop_gradient(global_map(out_pos, config)),
                                          queues["global"], tau["global"])
+  a, a_pos = affinity_maps(out, out_pos, config)
   if w["pixel"]:
-    terms["pixel"] = losses.pixel_loss(p, p_pos, u, u_pos, queues["pixel"], tau["pixel"],
+    terms["pixel"] = losses.pixel_loss(p, p_pos, a, a_pos, queues["pixel"], tau["pixel"],
                                        match=config.loss.pixel_match,
                                        negatives=config.loss.pixel_negatives)
   if w["cycle"]:
     q_c = queues["cycle"] if config.loss.cycle_negatives else queues["cycle"][:0]
-    soft = (losses.soft_cycle_target(u, u_pos, tau["cycle"], mode=config.loss.soft_target)
+    soft = (losses.soft_cycle_target(a, a_pos, tau["cycle"], mode=config.loss.soft_target,
+                                     identity_mix=config.loss.soft_target_identity)
             if config.loss.soft_cycle else None)
     terms["cycle"] = losses.cycle_loss(c, c_pos, q_c, tau["cycle"], soft_target=soft)
   total = sum(w[h] * terms[h] for h in HEADS)
@@ -172,6 +187,18 @@ def new_keys(key: jax.Array, out_pos: dict[str, jax.Array], config) -> dict[str,
           "cycle": _pick_pixels(k_c, losses.l2n(c_pos), ppi)}
 
 
+def pair_rolls(key: jax.Array, key_pos: jax.Array, batch: int, height: int, width: int, config
+               ) -> tuple[jax.Array | None, jax.Array | None]:
+  """Pixel-shuffle rolls (eq. 7) for v and v+: int32 [B, 2] each, None without pixel shuffle;
+  `model.shuffle_rolls='shared'` gives both frames of a pair the same roll."""
+  if not config.model.pixel_shuffle:
+    return None, None
+  rolls = pixel_shuffle.draw_rolls(key, batch, height, width)
+  if config.model.shuffle_rolls == "shared":
+    return rolls, rolls
+  return rolls, pixel_shuffle.draw_rolls(key_pos, batch, height, width)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule, config
                ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -183,11 +210,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     v = augment.photometric(k_aug, batch["v"])
     v_pos = augment.photometric(k_aug_pos, batch["v_pos"])
   b, hgt, wid = v.shape[:3]
-  shuffle = config.model.pixel_shuffle
-  rolls = pixel_shuffle.draw_rolls(k_roll, b, hgt, wid) if shuffle else None
-  rolls_pos = rolls
-  if shuffle and config.model.shuffle_rolls == "independent":
-    rolls_pos = pixel_shuffle.draw_rolls(k_roll_pos, b, hgt, wid)
+  rolls, rolls_pos = pair_rolls(k_roll, k_roll_pos, b, hgt, wid, config)
 
   # Target on v+: no gradient ever reaches θt (stop_gradient here and inside the losses).
   perm = jax.random.permutation(k_perm, b) if config.model.get("bn_mode", "group") == "group" else None

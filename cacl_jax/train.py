@@ -4,22 +4,24 @@ Reads top to bottom in sections: validate → mesh → input → model and state
 loop (step, log, figure, checkpoint, SIGTERM) → finish. Everything numeric lives in
 `step.py`, `losses.py`, `queue.py`, `ema.py`; this file only moves data and writes files.
 
-Files in WORKDIR:
-  checkpoints/S/      Orbax (state + grain iterator + config); the newest N are kept
-  metrics.jsonl       one JSON object per logged step: step, loss, loss_global, loss_pixel,
-                      loss_cycle, lr, steps_per_sec, and the diagnostics of `diagnostics.py`
-                      (match_true_acc, match_label_acc, cos_within_*, cos_cross_*, ...)
+WORKDIR is a local path or a URL (`paths.py`: file://, gs://). Files in it:
+  checkpoints/S/      Orbax (state + config); the newest N are kept
+  checkpoints_damaged/S/  a checkpoint that did not restore, moved aside (never deleted)
+  run.lock            the live run writing here (`runlock.py`)
+  metrics.jsonl       one JSON object per logged step (`metrics_log.py`): step, loss, loss_global,
+                      loss_pixel, loss_cycle, lr, steps_per_sec, batch_hash (which data the step
+                      saw, `pipeline.batch_hash`), skipped_pairs, and the diagnostics of
+                      `diagnostics.py` (match_true_acc, match_label_acc, cos_within_*, ...)
   events.out.tfevents.*  TensorBoard scalars (tensorboardX, no TensorFlow)
   figures/affinity_S.png  the paper's Fig. 3 for the current networks
   figures/diagnostics.png the diagnostics' curves over the run (redrawn at the end)
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import signal
-import tempfile
 import time
 
 import jax
@@ -30,7 +32,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from cacl_jax import checkpoint, diagnostics, optim, parallel, step as step_lib, viz
+from cacl_jax import (checkpoint, config_diff, diagnostics, metrics_log, optim, parallel, paths,
+                      runlock, step as step_lib, viz)
 from cacl_jax.data import augment, pipeline
 from cacl_jax.models.cacl import model_from_config
 
@@ -40,7 +43,17 @@ class UsageError(ValueError):
 
 
 class TrainingDiverged(RuntimeError):
-  """A logged loss was NaN or inf: the run stops; the last good checkpoint is kept."""
+  """A logged metric, or the state about to be saved, holds NaN or inf: the run stops; the
+  last good checkpoint is kept and named."""
+
+
+class DataWorkerDied(RuntimeError):
+  """A grain worker process died (killed, out of memory): the run stops; it resumes exactly
+  from its last checkpoint when restarted."""
+
+
+class Preempted(Exception):
+  """SIGTERM: the step reached was saved. main exits 0 (and skips a chained evaluation)."""
 
 
 # ---------------------------------------------------------------- validation
@@ -50,7 +63,7 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
   parallel.check_batch_size(config.batch_size, mesh)
   step_lib.check_config(config)
   step_lib.check_queue_sharding(config, mesh)
-  optim.learning_rate_schedule(config)
+  optim.warmup_steps(config)
   for key in ("total_steps", "checkpoint_every_steps", "log_every_steps"):
     if int(config[key]) <= 0:
       raise ValueError(f"{key} must be positive, got {config[key]}")
@@ -65,21 +78,20 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
 class Logger:
   """metrics.jsonl + TensorBoard + console (process 0 only)."""
 
-  def __init__(self, workdir: str, total_steps: int):
+  def __init__(self, workdir: epath.Path, total_steps: int):
     self.active = jax.process_index() == 0
     self.total = total_steps
-    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.workdir = workdir
     self.writer = None
     if self.active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.writer = SummaryWriter(workdir)
+      self.writer = SummaryWriter(os.fspath(workdir))
 
-  def log(self, step: int, metrics: dict[str, float], rate: float) -> None:
+  def log(self, step: int, metrics: dict[str, float], rate: float, batch_hash: int) -> None:
     if not self.active:
       return
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "steps_per_sec": rate}
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    metrics_log.append(self.workdir, {**record, "batch_hash": batch_hash})
     for k, v in record.items():
       if k != "step":
         self.writer.add_scalar(f"train/{k}", v, step)
@@ -105,16 +117,6 @@ def _duration(seconds: float) -> str:
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _drop_logs_after(workdir: str, step: int) -> None:
-  """On resume, metrics logged after the restored checkpoint are logged again: keep one copy."""
-  path = epath.Path(workdir) / "metrics.jsonl"
-  if jax.process_index() != 0 or not path.exists():
-    return
-  kept = [line for line in path.read_text().splitlines(keepends=True)
-          if line.strip() and json.loads(line)["step"] <= step]
-  path.write_text("".join(kept))
-
-
 # ---------------------------------------------------------------- figures
 
 def make_affinity_probe(model, mesh):
@@ -129,36 +131,25 @@ def make_affinity_probe(model, mesh):
   return jax.jit(probe, out_shardings=parallel.replicated(mesh))
 
 
-def save_affinity_figure(probe, state, batch, workdir: str, step: int) -> str | None:
+def save_affinity_figure(probe, state, batch, workdir: epath.Path, step: int) -> str | None:
   pair, maps = probe(state.params, state.batch_stats, batch["v"], batch["v_pos"])
   if jax.process_index() != 0:
     return None
   pair, maps = parallel.to_host(pair), parallel.to_host(maps)
   size = pair.shape[1]
-  path = epath.Path(workdir) / "figures" / f"affinity_{step:07d}.png"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory() as tmp:  # matplotlib writes local files; workdir may be gs://
-    local = viz.affinity_figure(pair[0], pair[1], maps, (size // 2, size // 2),
-                                os.path.join(tmp, path.name))
-    path.write_bytes(epath.Path(local).read_bytes())
-  return str(path)
+  return viz.affinity_figure(pair[0], pair[1], maps, (size // 2, size // 2),
+                             os.fspath(workdir / "figures" / f"affinity_{step:07d}.png"))
 
 
 # ---------------------------------------------------------------- initialisation
 
-def save_diagnostics_figure(workdir: str) -> None:
+def save_diagnostics_figure(workdir: epath.Path) -> None:
   """figures/diagnostics.png from metrics.jsonl (process 0; the workdir may be a URL)."""
-  path = epath.Path(workdir) / "metrics.jsonl"
-  if jax.process_index() != 0 or not path.exists():
+  if jax.process_index() != 0:
     return
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  if not records:
-    return
-  out = epath.Path(workdir) / "figures" / "diagnostics.png"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory() as tmp:
-    local = viz.diagnostics_figure(records, os.path.join(tmp, out.name))
-    out.write_bytes(epath.Path(local).read_bytes())
+  records = metrics_log.read(workdir)
+  if records:
+    viz.diagnostics_figure(records, os.fspath(workdir / "figures" / "diagnostics.png"))
 
 
 def _init_backbone_from(state: step_lib.TrainState, pretrain_workdir: str, shardings):
@@ -183,41 +174,116 @@ def _init_backbone_from(state: step_lib.TrainState, pretrain_workdir: str, shard
                        target_batch_stats=jax.tree.map(jnp.copy, stats))
 
 
+# ---------------------------------------------------------------- faults
+
+@contextlib.contextmanager
+def workdir_lock(workdir: epath.Path):
+  """Process 0 holds WORKDIR/run.lock (`runlock.py`) for the run; every process learns whether
+  it got it, so a refused start stops all of them with one line."""
+  error = None
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(runlock.hold(workdir))
+      except runlock.WorkdirBusy as e:
+        error = str(e)
+    if jax.process_count() > 1 and int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))):
+      error = error or f"{workdir} is in use by another run (process 0 names it)"
+    if error:
+      raise UsageError(error)
+    yield
+
+
+def next_batch(data_iter, step: int, last_checkpoint: str) -> dict:
+  """The host batch of `step`; a dead grain worker becomes DataWorkerDied (one line)."""
+  try:
+    return next(data_iter)
+  except RuntimeError as e:
+    if "terminated unexpectedly" not in str(e):
+      raise
+    raise DataWorkerDied(f"a grain data worker process died while preparing step {step} "
+                         f"({str(e).split('. ')[0]}); rerun the same command to resume "
+                         f"({last_checkpoint})") from None
+
+
+def global_batch_hash(ids: dict[str, np.ndarray]) -> int:
+  """`pipeline.batch_hash` of the global batch from this process' rows {'video', 'frames'}
+  (a collective: every process calls it at the same steps)."""
+  if jax.process_count() > 1:
+    ids = multihost_utils.process_allgather(ids, tiled=True)
+  return pipeline.batch_hash(ids["video"], ids["frames"])
+
+
+def last_good(workdir: epath.Path, saved_step: int | None) -> str:
+  if saved_step is None:
+    return "no checkpoint was saved in this workdir yet"
+  return f"the last good checkpoint is step {saved_step} ({checkpoint.checkpoint_dir(workdir)}/{saved_step})"
+
+
+def _check_resume(config: ml_collections.ConfigDict):
+  def check(saved: ml_collections.ConfigDict, where: str) -> None:
+    try:
+      config_diff.check_resume(saved, config, where)
+    except ValueError as e:
+      raise UsageError(str(e)) from None
+  return check
+
+
 # ---------------------------------------------------------------- the run
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
+  """Pretrains (or resumes) in `workdir`; returns the last logged metrics.
+
+  Raises UsageError (bad config or data, a busy workdir, a changed config on resume),
+  TrainingDiverged, DataWorkerDied, or Preempted (after saving the step SIGTERM reached).
+  """
   # ---- mesh and checks: any config error surfaces here, before work.
   mesh = parallel.make_mesh()
   try:
     validate(config, mesh)
-    # ---- input: this process' shard of each global batch.
-    skips = pipeline.SkipReport()  # undecodable videos: replaced, counted, named, never fatal
-    dataset = pipeline.make_pretrain_dataset(
-        config.data, global_batch_size=config.batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), seed=config.seed, skip_report=skips)
+    workdir = paths.resolve(workdir)
+    saved = checkpoint.newest_config(workdir)
+    if saved is not None:
+      config_diff.check_resume(saved[1], config, saved[0])
+    source = pipeline.pretrain_source(config.data)
   except (ValueError, FileNotFoundError) as e:
     raise UsageError(str(e)) from e
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  logging.info("mesh: %d devices over %d processes", mesh.devices.size, jax.process_count())
-  data_iter = iter(dataset)
+  with workdir_lock(workdir):
+    return _run(config, workdir, mesh, source)
 
-  # ---- model, optimiser, state created already sharded.
+
+def _run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, source) -> dict[str, float]:
+  logging.info("mesh: %d devices over %d processes", mesh.devices.size, jax.process_count())
+  note = optim.warmup_note(config)
+  if note and jax.process_index() == 0:
+    print(note, flush=True)
+
+  # ---- model, optimiser; restore the newest checkpoint that restores, or create the state
+  # already sharded. The saved config is compared first: a changed one stops here.
   model = model_from_config(config.model)
   tx, schedule = optim.make_optimizer(config)
-  state, shardings = step_lib.create_state(model, tx, config, mesh, config.seed)
-  train_step = step_lib.jit_train_step(model, tx, schedule, config, mesh, shardings)
-
-  # ---- restore: the newest checkpoint of this workdir, onto this run's shardings.
+  abstract = jax.eval_shape(lambda: step_lib.init_state(model, tx, config, config.seed))
+  shardings = step_lib.state_shardings(abstract, mesh)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  start = mngr.latest_step()
+  start, state = checkpoint.restore_newest(mngr, workdir, checkpoint.abstract_like(abstract, shardings),
+                                           _check_resume(config))
   if start is not None:
-    state = checkpoint.restore(mngr, start, checkpoint.abstract_like(state, shardings), data_iter)
-    _drop_logs_after(workdir, start)
     print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{start}", flush=True)
-  elif config.model.get("init_from"):
-    state = _init_backbone_from(state, config.model.init_from, shardings)
-  start = int(start or 0)
+  else:
+    state, shardings = step_lib.create_state(model, tx, config, mesh, config.seed)
+    if config.model.get("init_from"):
+      state = _init_backbone_from(state, config.model.init_from, shardings)
+  saved_step, start = start, int(start or 0)
+  train_step = step_lib.jit_train_step(model, tx, schedule, config, mesh, shardings)
+  if jax.process_index() == 0:
+    metrics_log.repair(workdir, start)   # each step once: drop what this run logs again
+
+  # ---- input: this process' rows of the global batches from step start + 1 on.
+  skips = pipeline.SkipReport()  # undecodable videos: replaced, counted, named, never fatal
+  data_iter = iter(pipeline.make_pretrain_dataset(
+      config.data, global_batch_size=config.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=config.seed, start_step=start, source=source,
+      skip_report=skips))
 
   # ---- SIGTERM (preemption): finish the step in flight, save it, exit cleanly. Several
   # processes must all stop at the same step (the step and the save are collectives), and a
@@ -231,11 +297,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   logger = Logger(workdir, config.total_steps)
   probe = make_affinity_probe(model, mesh) if config.viz_every_steps else None
   diagnose, diag_pairs = None, None   # built at the first logging step (real data: its batch)
-  last, saved_step = {}, start
+  last, preempted_at = {}, None
   window_start, window_steps = time.perf_counter(), 0
   try:
     for step in range(start + 1, config.total_steps + 1):
-      host_batch = next(data_iter)
+      host_batch = next_batch(data_iter, step, last_good(workdir, saved_step))
+      ids = {k: host_batch.pop(k) for k in ("video", "frames")}
       batch = parallel.host_to_global(mesh, host_batch)
       state, metrics = train_step(state, batch)
       window_steps += 1
@@ -250,12 +317,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           diag_pairs = parallel.host_to_global(mesh, diagnostics.local_pair_set(
               config, host_batch, mesh.devices.size, jax.process_index(), jax.process_count()))
         last.update(diagnostics.as_floats(diagnose(state, diag_pairs)))
-        if not all(math.isfinite(v) for v in last.values()):
-          raise TrainingDiverged(
-              f"non-finite metrics at step {step}: {last}; the last good checkpoint "
-              f"(step {saved_step}) is kept in {checkpoint.checkpoint_dir(workdir)}")
+        bad = sorted(k for k, v in last.items() if not math.isfinite(v))
+        if bad:
+          raise TrainingDiverged(f"non-finite metrics at step {step} ({', '.join(bad)}); the run "
+                                 f"stops: {last_good(workdir, saved_step)}")
         rate = window_steps / (time.perf_counter() - window_start)
-        logger.log(step, last, rate)
+        logger.log(step, last, rate, global_batch_hash(ids))
         window_start, window_steps = time.perf_counter(), 0
 
       if probe is not None and step % config.viz_every_steps == 0:
@@ -264,21 +331,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       final = step == config.total_steps
       if step % config.checkpoint_every_steps == 0 or final or stop["flag"]:
         loss = float(parallel.to_host(metrics)["loss"])
-        if not math.isfinite(loss):
-          raise TrainingDiverged(f"non-finite loss at step {step}; the last good checkpoint "
-                                 f"(step {saved_step}) is kept")
-        checkpoint.save(mngr, step, state, data_iter, config, force=True)
+        try:
+          if not math.isfinite(loss):
+            raise checkpoint.NonFiniteState(f"the loss of step {step} is {loss}")
+          checkpoint.save(mngr, step, state, config, force=True)
+        except checkpoint.NonFiniteState as e:
+          raise TrainingDiverged(f"{e}: not saved, the run stops; "
+                                 f"{last_good(workdir, saved_step)}") from None
         saved_step = step
       if stop["flag"]:
         print(f"SIGTERM: saved step {step}, exiting", flush=True)
+        preempted_at = step
         break
   finally:
     mngr.wait_until_finished()
     mngr.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()   # stops grain's worker processes (also after one of them died)
     save_diagnostics_figure(workdir)
     if skips.count:
       print(f"data: {skips.summary()}", flush=True)
     logger.close()
     if not multihost:
       signal.signal(signal.SIGTERM, previous_handler)
+  if preempted_at is not None:
+    raise Preempted(f"SIGTERM: saved step {preempted_at}")
   return last

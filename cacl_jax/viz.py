@@ -1,10 +1,12 @@
 """Figures: the paper's Fig. 3 affinity maps, confusion matrices, image / GT / prediction grids.
 
 Everything here runs on host NumPy arrays and writes a PNG with matplotlib's Agg backend
-(no display needed); each function returns the path it wrote.
+(no display needed) through the path layer (`paths.py`: local, file:// or gs://); each
+function returns the path it wrote.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Mapping, Sequence
 
@@ -13,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
+
+from cacl_jax import paths  # noqa: E402
 
 IGNORE_LABEL = 255
 IGNORE_COLOR = (224, 224, 192)   # VOC's colour for the void border
@@ -65,10 +69,16 @@ def _as_uint8_image(x: np.ndarray) -> np.ndarray:
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  """Writes the figure to `path` (a local path, file:// or gs://: through `paths`), in the
+  format its extension names."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format=os.path.splitext(str(path))[1][1:] or "png", dpi=100,
+              bbox_inches="tight")
   plt.close(fig)
-  return path
+  target = paths.resolve(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_bytes(buffer.getvalue())
+  return str(path)
 
 
 def confusion_figure(cm: np.ndarray, class_names: Sequence[str], path: str) -> str:
@@ -204,12 +214,13 @@ def affinity_figure(v: np.ndarray, v_pos: np.ndarray, maps: Mapping[str, object]
 # The panels of the diagnostics figure: title -> metric keys (missing keys are skipped).
 DIAGNOSTIC_PANELS = {
     "losses": ("loss", "loss_global", "loss_pixel", "loss_cycle"),
-    "global-head match m(i) (eq. 4)": ("match_true_acc", "match_label_acc", "match_label_chance",
+    "global-head match m(i) (eq. 4)": ("match_true_acc", "match_true_still", "match_label_acc", "match_label_chance",
                                        "match_object_acc", "match_object_chance"),
     "cosine between pixels of one image": ("cos_within_h", "cos_within_u", "cos_within_p",
                                            "cos_within_c"),
     "cosine between pixels of two images": ("cos_cross_h", "cos_cross_u", "cos_cross_p",
                                             "cos_cross_c"),
+    "class separation across images": ("class_sep_h", "class_sep_u", "class_sep_p", "class_sep_c"),
     "cycle": ("cycle_return", "soft_target_entropy"),
     "learning rate": ("lr",),
 }
@@ -235,4 +246,38 @@ def diagnostics_figure(records: Sequence[Mapping[str, float]], path: str) -> str
     ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(panels):]:
     ax.set_axis_off()
+  return _save(fig, path)
+
+
+def overlay(image: np.ndarray, label: np.ndarray, palette: np.ndarray,
+            alpha: float = 0.5) -> np.ndarray:
+  """uint8 [H, W, 3]: the image with each non-zero id of `label` [H, W] tinted in its colour."""
+  image = _as_uint8_image(image).astype(np.float32)
+  tint = colorize(label, palette).astype(np.float32)
+  mix = np.where((np.asarray(label) > 0)[..., None], (1 - alpha) * image + alpha * tint, image)
+  return mix.astype(np.uint8)
+
+
+def propagation_figure(images: Sequence[np.ndarray], annotations: Sequence[np.ndarray],
+                       predictions: Sequence[np.ndarray], titles: Sequence[str],
+                       path: str) -> str:
+  """Video object segmentation: one row per frame, ground truth | prediction overlaid on it.
+
+  Args:
+    images: n uint8 [H, W, 3] frames; annotations, predictions: n int [H, W] object ids
+      (0 = background, coloured with DAVIS' palette, which is VOC's).
+    titles: n row labels (e.g. 'bike-packing 00040').
+    path: output PNG.
+  """
+  n = len(images)
+  if not n or not len(annotations) == len(predictions) == len(titles) == n:
+    raise ValueError("need equally many frames, annotations, predictions and titles")
+  palette = voc_palette(256)
+  fig, axes = plt.subplots(n, 2, figsize=(8, 2.6 * n), squeeze=False)
+  for i in range(n):
+    for j, (label, what) in enumerate(((annotations[i], "ground truth"),
+                                       (predictions[i], "propagated"))):
+      axes[i, j].imshow(overlay(images[i], label, palette))
+      axes[i, j].set_title(f"{titles[i]}: {what}", fontsize=9)
+      axes[i, j].set_axis_off()
   return _save(fig, path)

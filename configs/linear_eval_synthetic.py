@@ -29,4 +29,8 @@ def get_config():
   c.data.synthetic.num_val_images = 128
   c.data.synthetic.frame_size = 64
   c.data.synthetic.seed = 0
+  # The demo's supervised reference row (cacl_jax/evaluation/demo.py): the whole network from
+  # random init, trained with these labels; the fine-tuning protocol's weight decay, and the
+  # learning rate at which end-to-end SGD on 256 images is stable.
+  c.supervised = config_dict.ConfigDict({"learning_rate": 0.1, "weight_decay": 1e-4})
   return c

@@ -19,8 +19,9 @@
 # Arguments:
 #   CONFIG    a config file, optionally file.py:variant
 #   WORKDIR   the run directory. It must be storage every host sees at the same path (NFS,
-#             Lustre, a gcsfuse mount; or gs://): every process writes its part of each
-#             checkpoint, and a resumed run reads them all back.
+#             Lustre, a gcsfuse mount; or gs://, after `pip install -r requirements-gcs.txt`
+#             on every host): every process writes its part of each checkpoint, and a resumed
+#             run reads them all back, on any number of processes.
 #   ...       passed on to the module unchanged
 # Environment:
 #   COORDINATOR     HOST:PORT of process 0 (mode 1; default for 2 and 3: first host, PORT)

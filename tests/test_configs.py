@@ -38,6 +38,7 @@ PRETRAIN_KEYS = ["seed", "batch_size", "total_steps", "checkpoint_every_steps", 
                  "data.name", "data.root", "data.image_size", "model.backbone"]
 EVAL_KEYS = ["seed", "pretrained", "batch_size", "num_epochs", "data.name", "data.root",
              "data.image_size"]
+PROPAGATE = {"davis_propagation.py": [None]}
 
 # The paper's rows, written out by hand: (w_G, w_P, w_C), pixel match, pixel shuffle, soft
 # cycle, Q_C in the cycle, pair type, stride s.
@@ -110,7 +111,7 @@ def cases(table):
 
 def test_every_config_file_is_listed_here():
   files = {f for f in os.listdir(CONFIGS) if f.endswith(".py") and not f.startswith("_")}
-  assert files == set(PRETRAIN) | set(EVAL)
+  assert files == set(PRETRAIN) | set(EVAL) | set(PROPAGATE)
 
 
 @pytest.mark.parametrize("name,variant", cases(PRETRAIN))
@@ -132,6 +133,15 @@ def test_eval_config_loads_with_the_spec_keys(name, variant):
     lookup(c, key)
   assert c.data.name in ("synthetic", "voc", "cityscapes")
   assert c.num_epochs > 0 and c.batch_size > 0
+
+
+def test_propagation_config_has_the_spec_keys_and_crws_settings():
+  c = load("davis_propagation.py")
+  for key in EVAL_KEYS:
+    lookup(c, key)
+  assert c.data.name == "davis" and c.features == "backbone" and c.data.image_size == 0
+  p = c.propagation
+  assert (p.context, p.topk, p.radius, p.temperature) == (20, 10, 12.0, 0.05)   # CRW's README
 
 
 # ------------------------------------------------------------------------- variants

@@ -79,7 +79,7 @@ def pretrained(tmp_path_factory):
   state = jax.device_put(values, step_lib.state_shardings(shapes, mesh))
   assert not state.queues["global"].sharding.is_fully_replicated   # split over the 8 devices
   mngr = checkpoint.manager(workdir)
-  checkpoint.save(mngr, STEP, state, None, c, force=True)
+  checkpoint.save(mngr, STEP, state, c, force=True)
   mngr.wait_until_finished()
   mngr.close()
   return workdir, values.params["backbone"], values.batch_stats["backbone"]

@@ -1,17 +1,19 @@
-"""Two `jax.distributed` processes on 127.0.0.1, 2 fake CPU devices each, running
-`python -m cacl_jax.main` on the tiny config (tests/tiny.py).
+"""`jax.distributed` processes on 127.0.0.1 (fake CPU devices) running `python -m cacl_jax.main`
+on the tiny config (tests/tiny.py): preemption, and the elastic resume the global data stream
+allows.
 
-The first launch is preempted: SIGTERM reaches process 1 only, as when one host of a pod
-is told first; both processes must stop at the same step (the step and the save are
-collectives), save it together and exit 0. The second launch resumes both from that
-checkpoint (the state, and each process' own grain iterator) and runs to the end. Its
-steps must be those of one process with 4 devices fed the same global batches: process i's
-shard, `make_pretrain_dataset(process_index=i, process_count=2)`, fills rows [4i, 4i + 4)
-of each batch of 8. That reference is built and compiled in this test process while the
-first launch runs, and replays one step from each state the two processes saved.
+The first launch, 2 processes × 2 devices, is preempted: SIGTERM reaches process 1 only, as when
+one host of a pod is told first; both processes must stop at the same step (the step and the
+save are collectives), save it together and exit 0. Its checkpoint is then resumed two ways: by 1 process (8 devices,
+on a copy) and, in place, by 4 processes (1 device each). The global
+batch of step t is a function of (seed, t) alone (`data/pipeline.py`), so every run logs the
+`batch_hash` sequence one process computes from the pipeline, preempted or not, and the
+multi-process steps are those of one process with 4 devices given the same state: that
+reference is built and compiled in this test process while the first launch runs, and replays
+one step from each state the processes saved.
 """
-import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -22,7 +24,6 @@ import pytest
 
 from cacl_jax import checkpoint, optim, parallel, step as step_lib
 from cacl_jax.data import pipeline
-from cacl_jax.data.video import ArrayVideo
 from cacl_jax.models.cacl import model_from_config
 import tiny
 
@@ -30,57 +31,24 @@ T = tiny.TOTAL_STEPS
 HEAD_KEYS = ("loss", "loss_global", "loss_pixel", "loss_cycle")
 
 
-# ---------------------------------------------------------------- the data shards
-
-class NumberedVideos:
-  """Videos whose every pixel is their index: a crop tells which video it came from."""
-
-  def __init__(self, num_videos: int):
-    self.num_videos = num_videos
-
-  def __len__(self) -> int:
-    return self.num_videos
-
-  def __getitem__(self, index: int) -> ArrayVideo:
-    return ArrayVideo(np.full((4, 24, 24, 3), index, np.uint8), name=f"video_{index}")
-
-
-def test_process_shards_are_disjoint_and_cover_the_videos():
-  config = tiny.get_config()
-  seen = []
-  for index in range(2):
-    data = pipeline.make_pretrain_dataset(config.data, global_batch_size=8, process_index=index,
-                                          process_count=2, seed=0, source=NumberedVideos(40))
-    batches = [batch for batch, _ in zip(data, range(5))]   # 5 × 4 pairs: one pass of 20
-    assert batches[0]["v"].shape == (4, 32, 32, 3)
-    ids = np.concatenate([b["v"][:, 0, 0, 0] for b in batches])
-    for b in batches:   # v and v+ come from the same video, and each crop from one video
-      np.testing.assert_array_equal(b["v"], b["v_pos"])
-      assert (b["v"] == b["v"][:, :1, :1, :1]).all()
-    assert sorted(ids) == list(range(index, 40, 2))   # this process' shard, each video once
-    seen.append(set(ids))
-  assert not seen[0] & seen[1]
-
-
-# ---------------------------------------------------------------- two processes
-
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
-def start_pair(workdir: str, launch: int):
+def start_processes(workdir: str, launch: str, count: int, devices: int):
   port = free_port()
-  return [tiny.start_main(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                          f"--process_id={i}", tiny.NO_VIZ, log=f"{workdir}.{launch}.p{i}.log",
-                          num_devices=2, compile_cache=False)
-          for i in range(2)]
+  return [tiny.start_main(workdir, f"--coordinator_address=127.0.0.1:{port}",
+                          f"--num_processes={count}", f"--process_id={i}", tiny.NO_VIZ,
+                          log=f"{workdir}.{launch}.p{i}.log", num_devices=devices,
+                          compile_cache=False)
+          for i in range(count)]
 
 
 class OneProcessFourDevices:
-  """The tiny run's train step on one process with 4 devices, each global batch assembled
-  from the two processes' pipeline shards (process i → rows [4i, 4i + 4))."""
+  """The tiny run's train step on one process with 4 devices, fed the global stream of one
+  process; also the `batch_hash` of each step's global batch."""
 
   def __init__(self):
     config = tiny.get_config()
@@ -89,13 +57,14 @@ class OneProcessFourDevices:
     tx, schedule = optim.make_optimizer(config)
     self.init_state, shardings = step_lib.create_state(model, tx, config, self.mesh, config.seed)
     self.train_step = step_lib.jit_train_step(model, tx, schedule, config, self.mesh, shardings)
-    shards = [iter(pipeline.make_pretrain_dataset(
-        config.data, global_batch_size=config.batch_size, process_index=i, process_count=2,
-        seed=config.seed)) for i in range(2)]
-    self.batches = []
+    stream = iter(pipeline.make_pretrain_dataset(
+        config.data, global_batch_size=config.batch_size, process_index=0, process_count=1,
+        seed=config.seed))
+    self.batches, self.hashes = [], []
     for _ in range(T):
-      parts = [next(shard) for shard in shards]
-      self.batches.append({k: np.concatenate([p[k] for p in parts]) for k in ("v", "v_pos")})
+      batch = next(stream)
+      self.hashes.append(pipeline.batch_hash(batch.pop("video"), batch.pop("frames")))
+      self.batches.append(batch)
 
   def metrics_after(self, state, step: int) -> dict[str, float]:
     """Metrics of step `step` + 1 taken from `state` (the state after `step` steps)."""
@@ -105,9 +74,10 @@ class OneProcessFourDevices:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("multiprocess") / "run")
-  first = start_pair(workdir, 1)
-  second = []
+  root = tmp_path_factory.mktemp("multiprocess")
+  workdir, one = str(root / "run"), str(root / "on_1_process")
+  first = start_processes(workdir, "1", 2, 2)
+  later = []
   failures = []
 
   def preempt_process_1():
@@ -126,12 +96,15 @@ def two_processes(tmp_path_factory):
     assert not failures, failures
     preempted = {"out": first_out, "committed": tiny.committed_steps(workdir),
                  "logged": tiny.last_logged_step(workdir)}
-    second = start_pair(workdir, 2)
-    return {"workdir": workdir, "preempted": preempted,
-            "resumed": [tiny.finish(p) for p in second],
-            "reference": reference, "first_step": first_step}
+    shutil.copytree(workdir, one)   # the preempted workdir, to resume on 1 process too
+    later.append(tiny.start_main(one, tiny.NO_VIZ, log=one + ".log"))   # 1 process, 8 devices
+    on_one = tiny.finish(later[0])
+    later += start_processes(workdir, "2", 4, 1)   # in place: 4 processes, 1 device each
+    on_four = [tiny.finish(p) for p in later[1:]]
+    return {"workdir": workdir, "one": one, "preempted": preempted, "on_one": [on_one],
+            "on_four": on_four, "reference": reference, "first_step": first_step}
   finally:
-    tiny.kill_running(first + second)
+    tiny.kill_running(first + later)
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(two_processes):
@@ -143,27 +116,15 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(two_processes):
     assert f"SIGTERM: saved step {reached}, exiting" in out
   assert "mesh: 4 devices over 2 processes" in preempted["out"][0][1]
   assert preempted["committed"][-1] == reached
-  # Each process saved its own iterator over its own shard, `reached` batches in.
-  data = os.path.join(two_processes["workdir"], "checkpoints", str(reached), "data")
-  for i in range(2):
-    with open(os.path.join(data, f"process_{i}-of-2.json")) as f:
-      assert json.load(f)["next_index"] == reached
-
-
-def test_both_processes_resume_from_the_preemption_checkpoint(two_processes):
-  workdir = two_processes["workdir"]
-  reached = two_processes["preempted"]["logged"]
-  for code, out in two_processes["resumed"]:
-    assert code == 0, out[-3000:]
-    assert f"resumed from {checkpoint.checkpoint_dir(workdir)}/{reached}" in out
-  assert [r["step"] for r in tiny.metrics(workdir)] == list(range(1, T + 1))
-  assert tiny.committed_steps(workdir)[-1] == T
+  # No iterator state: the step is the data position, whatever the process count.
+  assert sorted(os.listdir(os.path.join(two_processes["workdir"], "checkpoints", str(reached)))) == [
+      "_CHECKPOINT_METADATA", "commit_success.txt", "config", "state"]
 
 
 def test_every_segment_matches_one_process_with_four_devices(two_processes):
-  """From the initial state and from each checkpoint the two processes saved (restored here
-  onto one process' 4 devices), one step of the one-process program reproduces the step the
-  two processes logged next. Compared per step: over several steps the float32 rounding of
+  """From the initial state and from each checkpoint the multi-process run saved (2 × 2
+  devices up to the preemption, 4 × 1 after it; restored here onto one process' 4 devices),
+  one step of the one-process program reproduces the step the processes logged next. Compared per step: over several steps the float32 rounding of
   a different reduction order (~1e-7) is amplified past any tolerance by the pixel head's
   argmax matches and lr 1.0, so whole trajectories agree only for a few steps."""
   workdir, reference = two_processes["workdir"], two_processes["reference"]
@@ -183,7 +144,37 @@ def test_every_segment_matches_one_process_with_four_devices(two_processes):
     assert ours["lr"] == pytest.approx(theirs["lr"], rel=1e-6)
 
 
-def test_two_process_checkpoint_restores_on_one_and_on_four_devices(two_processes):
+@pytest.mark.parametrize("where", ["on_one", "on_four"])
+def test_a_two_process_checkpoint_resumes_on_1_and_on_4_processes(two_processes, where):
+  """Elastic resume: the checkpoint the 2 processes saved at preemption resumes on 1 process
+  (8 devices) and on 4 processes (1 device each). Every step of both runs, before the
+  preemption (2 processes) and after it, logs the batch_hash of the global batch one process
+  draws from the pipeline: exactly the batches of an uninterrupted run."""
+  workdir = two_processes["one" if where == "on_one" else "workdir"]
+  reached = two_processes["preempted"]["logged"]
+  processes = 1 if where == "on_one" else 4
+  for code, out in two_processes[where]:
+    assert code == 0, out[-3000:]
+    assert f"resumed from {checkpoint.checkpoint_dir(workdir)}/{reached}" in out
+  assert (f"mesh: {8 if processes == 1 else 4} devices over {processes} processes"
+          in two_processes[where][0][1])
+  records = tiny.metrics(workdir)
+  assert [r["step"] for r in records] == list(range(1, T + 1))
+  assert [r["batch_hash"] for r in records] == two_processes["reference"].hashes
+  assert tiny.committed_steps(workdir)[-1] == T
+
+
+def test_the_first_step_after_an_elastic_resume_is_the_same_on_1_and_on_4_processes(two_processes):
+  """Same state, same batch, 8 devices of 1 process or 4 × 1 device: the same step, within
+  float tolerance (later steps drift apart at float32 rounding, see above)."""
+  reached = two_processes["preempted"]["logged"]
+  one, four = (tiny.metrics(two_processes[w])[reached] for w in ("one", "workdir"))
+  assert one["step"] == four["step"] == reached + 1
+  for key in HEAD_KEYS:
+    assert one[key] == pytest.approx(four[key], rel=1e-5), key
+
+
+def test_a_multi_process_checkpoint_restores_on_one_and_on_four_devices(two_processes):
   workdir = two_processes["workdir"]
   one = tiny.restore_state(workdir, T, parallel.make_mesh(1))
   four = tiny.restore_state(workdir, T, parallel.make_mesh(4))

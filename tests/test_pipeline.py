@@ -1,10 +1,10 @@
-"""Pair pipeline (grain) and augmentations: geometry, stride, shards, state, photometry."""
+"""Pair pipeline (grain) and augmentations: geometry, stride, the global stream, photometry."""
+import collections
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-import grain
 import pytest
 
 from cacl_jax.data import augment
@@ -78,7 +78,7 @@ def test_pairs_share_geometry():
                                       process_index=0, process_count=1, seed=0, source=source)
   batches = take(ds, 4)
   for batch in batches:
-    assert set(batch) == {'v', 'v_pos'}
+    assert set(batch) == {'v', 'v_pos', 'video', 'frames'}
     assert batch['v'].shape == (4, 32, 32, 3) and batch['v'].dtype == np.uint8
     np.testing.assert_array_equal(batch['v'], batch['v_pos'])
   crops = np.concatenate([b['v'] for b in batches]).reshape(16, -1)
@@ -101,18 +101,86 @@ def test_stride_is_respected_and_short_videos_clamp(pair_type, num_frames, strid
     assert len(set(t)) > 5  # t is drawn per visit
 
 
-def test_shards_of_two_processes_are_disjoint_and_cover_the_source():
-  source = [constant_video([3 * i] * 4) for i in range(40)]
-  seen = []
-  for process_index in range(2):
-    ds = pipeline.make_pretrain_dataset(data_config(), global_batch_size=4,
-                                        process_index=process_index, process_count=2, seed=0,
-                                        source=source)
-    epoch = np.concatenate([b['v'][:, 0, 0, 0] for b in take(ds, 10)])  # 20 videos per shard
-    assert len(set(epoch)) == 20  # one epoch visits each video of the shard once
-    seen.append(set(epoch.tolist()))
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == {3 * i for i in range(40)}
+class CountingSource:
+  """40 constant videos (video i has every pixel 3·i); records which videos are decoded."""
+
+  def __init__(self, num_videos=40):
+    self.num_videos, self.decoded = num_videos, []
+
+  def __len__(self):
+    return self.num_videos
+
+  def __getitem__(self, index):
+    return CountingVideo(self, int(index))
+
+
+class CountingVideo(video_lib.Video):
+  num_frames = 4
+
+  def __init__(self, source, index):
+    self.source, self.index, self.name = source, index, f'v{index}'
+
+  def frames(self, indices):
+    self.source.decoded.append(self.index)
+    return np.full((len(indices), 24, 24, 3), 3 * self.index, np.uint8)
+
+
+def global_batches(process_count, steps, start_step=0, num_workers=0, sources=None):
+  """Steps start_step+1 .. start_step+steps, assembled from `process_count` pipelines."""
+  sources = sources if sources is not None else [CountingSource() for _ in range(process_count)]
+  config = data_config(num_workers=num_workers, prefetch=2)
+  its = [iter(pipeline.make_pretrain_dataset(config, global_batch_size=8, process_index=i,
+                                             process_count=process_count, seed=5,
+                                             start_step=start_step, source=sources[i]))
+         for i in range(process_count)]
+  out = []
+  for _ in range(steps):
+    parts = [next(it) for it in its]
+    out.append({k: np.concatenate([p[k] for p in parts]) for k in ('v', 'v_pos', 'video', 'frames')})
+  for it in its:
+    if hasattr(it, 'close'):
+      it.close()
+  return out
+
+
+def test_global_batch_of_step_t_is_the_same_for_any_process_count_and_resume():
+  """The global batch of step t depends on (seed, t) only: 1, 2 or 4 processes assemble the
+  same batches (pixels, videos, frames), a pipeline started at step 6 continues the stream
+  exactly, and every epoch is a new permutation of all the videos."""
+  one = global_batches(1, 15)
+  for count in (2, 4):
+    for a, b in zip(one, global_batches(count, 15)):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+  for a, b in zip(one[6:], global_batches(4, 9, start_step=6)):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  videos = np.concatenate([b['video'] for b in one])   # 120 samples = 3 epochs of 40
+  epochs = videos.reshape(3, 40)
+  for epoch in epochs:
+    assert sorted(epoch) == list(range(40))
+  assert len({tuple(e) for e in epochs}) == 3
+  np.testing.assert_array_equal(one[0]['v'][:, 0, 0, 0], 3 * one[0]['video'])   # ids tell the truth
+  hashes = [pipeline.batch_hash(b['video'], b['frames']) for b in one]
+  assert len(set(hashes)) == 15 and all(0 <= h < 2**64 for h in hashes)
+
+
+def test_each_process_decodes_only_its_own_rows():
+  """Two processes take 5 steps (one epoch of the 40 videos). Each decoded its own 20 rows,
+  and beyond them (prefetching) only rows of its own next steps: never another process' rows."""
+  sources = [CountingSource() for _ in range(2)]
+  global_batches(2, 5, sources=sources)
+  stream = global_batches(1, 10)
+  for i, source in enumerate(sources):
+    rows = [int(v) for b in stream for v in b['video'][4 * i:4 * i + 4]]   # steps 1..10
+    decoded = collections.Counter(source.decoded)
+    assert collections.Counter(rows[:20]) <= decoded <= collections.Counter(rows)
+
+
+def test_grain_workers_give_the_same_stream():
+  for a, b in zip(global_batches(1, 4), global_batches(1, 4, num_workers=2)):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_same_seed_same_batches():
@@ -125,34 +193,14 @@ def test_same_seed_same_batches():
   assert np.abs(a[0]['v'].astype(int) - c[0]['v']).mean() > 5
 
 
-@pytest.mark.parametrize('num_workers', [0, 2])
-def test_iterator_state_round_trip_through_orbax(tmp_path, num_workers):
-  config = data_config(num_workers=num_workers)
-  make = lambda: iter(pipeline.make_pretrain_dataset(
-      config, global_batch_size=4, process_index=0, process_count=1, seed=7))
-  it = make()
-  for _ in range(3):
-    next(it)
-  manager = ocp.CheckpointManager(tmp_path)
-  manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-  manager.wait_until_finished()
-  expected = [next(it) for _ in range(3)]
-  restored = make()
-  manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
-  for want in expected:
-    got = next(restored)
-    np.testing.assert_array_equal(got['v'], want['v'])
-    np.testing.assert_array_equal(got['v_pos'], want['v_pos'])
-  manager.close()
-
-
 def test_undecodable_videos_are_skipped_counted_and_named():
   source = [constant_video(np.arange(12), name=f'ok{i}') for i in range(6)] + [BrokenVideo()] * 2
   report = pipeline.SkipReport()
   ds = pipeline.make_pretrain_dataset(data_config(), global_batch_size=8, process_index=0,
                                       process_count=1, seed=0, source=source, skip_report=report)
   batches = take(ds, 4)
-  assert all(b['v'].shape == (8, 32, 32, 3) and set(b) == {'v', 'v_pos'} for b in batches)
+  assert all(b['v'].shape == (8, 32, 32, 3) and set(b) == {'v', 'v_pos', 'video', 'frames'}
+             for b in batches)
   # 32 pairs drawn from 4 epochs of 8 videos: 8 visits hit the 2 broken ones (plus retries).
   assert report.count >= 8 and set(report.names) == {'broken'}
   assert 'broken' in report.summary()

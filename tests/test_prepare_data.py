@@ -2,8 +2,12 @@
 import csv
 import json
 import os
+import pickle
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import av
 import numpy as np
@@ -213,3 +217,127 @@ def test_cli_missing_source_is_one_error_line(tmp_path):
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "is not a directory" in lines[0] and "nope" in lines[0]
+
+
+# ---------------------------------------------------------------- faults
+
+def run_prepare(args: list[str], file_limit: int | None = None, die_at_limit: bool = False,
+                background: bool = False):
+  """`python -m cacl_jax.prepare_data ARGS`, optionally under a file-size limit (RLIMIT_FSIZE,
+  set in the child itself): writing past it fails with EFBIG, as a full disk fails with
+  ENOSPC; with `die_at_limit` the process is killed there instead (SIGXFSZ, which Python
+  otherwise ignores): a kill in the middle of a write, at a byte the test chooses."""
+  code = ["import resource, runpy, signal"]
+  if file_limit is not None:
+    code.append(f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_limit}, {file_limit}))")
+  if die_at_limit:
+    code.append("signal.signal(signal.SIGXFSZ, signal.SIG_DFL)")
+  code.append("runpy.run_module('cacl_jax.prepare_data', run_name='__main__', alter_sys=True)")
+  command = [sys.executable, "-c", "; ".join(code), *args]
+  if background:
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def all_records(out: str) -> list[tuple]:
+  source = real.kinetics_source(out, "train")
+  records = source[0]._records  # pylint: disable=protected-access
+  return [(bytes(r["jpeg"]), int(r["video"]), int(r["frame"]))
+          for r in records.__getitems__(range(len(records)))]
+
+
+def test_killed_and_disk_full_runs_resume_to_the_records_of_an_uninterrupted_run(tmp_path):
+  """One source, prepared uninterrupted, and again through every fault in turn: SIGKILL while
+  ingesting, the disk filling up while the ArrayRecord shard is written (one error line), a kill
+  in the middle of that write, and a planted pickle in the cache. The final rerun must give the
+  uninterrupted run's records byte for byte, without executing the pickle."""
+  src = str(tmp_path / "raw")
+  for i in range(6):
+    write_video(f"{src}/train/c{i % 2}/v{i}.mp4", num_frames=14 + i)
+  args = lambda out: ["kinetics", "--src", src, "--out", out, "--workers", "0", "--keep_cache"]
+  reference = str(tmp_path / "reference")
+  prepare_data.main(args(reference))
+  expected = all_records(reference)
+  out = str(tmp_path / "data")
+  builder = prepare_data.make_builder(prepare_data.parse_args(args(out)))
+  cache = os.path.join(base.cache_root(out, builder.name, builder._options), "train")  # pylint: disable=protected-access
+  done = lambda: sorted(f for f in os.listdir(cache) if f.endswith(".json")) if os.path.isdir(cache) else []
+
+  # 1. SIGKILL while ingesting: some videos cached, not all.
+  proc = run_prepare(args(out), background=True)
+  deadline = time.monotonic() + 120
+  while len(done()) < 2 and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.01)
+  proc.kill()
+  proc.communicate()
+  assert 2 <= len(done()) < 6, done()
+
+  # 2. Disk full while writing the shard: one error line, exit 2, no dataset.
+  largest_cache_file = max(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache))
+  shard = sum(os.path.getsize(os.path.join(reference, builder.name, "1.0.0", f))
+              for f in os.listdir(os.path.join(reference, builder.name, "1.0.0")) if ".array_record" in f)
+  shard_limit = (largest_cache_file + shard) // 2   # every cache file fits, the shard does not
+  assert largest_cache_file < shard_limit < shard
+  full = run_prepare(args(out), file_limit=shard_limit)
+  assert full.returncode == 2, full.stderr[-2000:]
+  errors = [l for l in full.stderr.splitlines() if "error" in l.lower()]   # besides progress bars
+  assert len(errors) == 1 and errors[0].startswith("prepare_data: error: "), full.stderr[-2000:]
+  assert "File too large" in errors[0] and "rerun the same command" in errors[0]
+  assert "Traceback" not in full.stderr
+  assert len(done()) == 6   # the ingestion finished and is kept
+  assert not os.path.isdir(os.path.join(out, builder.name, "1.0.0"))
+
+  # 3. Killed in the middle of that write: TFDS's incomplete.* build directory stays behind.
+  killed = run_prepare(args(out), file_limit=shard_limit, die_at_limit=True)
+  assert killed.returncode == -signal.SIGXFSZ, killed.stderr[-2000:]
+  leftovers = [d for d in os.listdir(os.path.join(out, builder.name)) if d.startswith("incomplete.")]
+  assert leftovers
+  # A build killed after writing its dataset_info.json is never taken for the dataset.
+  shutil.copytree(os.path.join(reference, builder.name, "1.0.0"),
+                  os.path.join(out, builder.name, "incomplete.ZZZZZZ_1.0.0"))
+  with pytest.raises(FileNotFoundError, match="no prepared kinetics"):
+    real.kinetics_source(out, "train")
+
+  # 4. A planted pickle where a cached payload would be: redone, never unpickled.
+  marker = tmp_path / "executed"
+  victim = done()[0][:-len(".json")]
+
+  class Planted:
+    def __reduce__(self):
+      return (open, (str(marker), "w"))
+  with open(os.path.join(cache, victim + ingest.PAYLOAD_SUFFIX), "wb") as f:
+    pickle.dump(Planted(), f)
+
+  final = run_prepare(args(out))
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert "reused 5 of 6 tasks" in final.stderr
+  assert "left by an interrupted run" in final.stdout
+  assert not marker.exists()
+  assert not [d for d in os.listdir(os.path.join(out, builder.name)) if d.startswith("incomplete.")]
+  assert all_records(out) == expected
+
+
+def test_a_replaced_video_gets_a_new_cache_key(tmp_path):
+  src = str(tmp_path / "raw")
+  write_video(f"{src}/train/c/v.mp4", num_frames=10)
+  builder = prepare_data.make_builder(prepare_data.parse_args(
+      ["kinetics", "--src", src, "--out", str(tmp_path / "data")]))
+  before = builder.list_source()["train"][0].key
+  write_video(f"{src}/train/c/v.mp4", num_frames=12)   # same name, new content
+  after = prepare_data.make_builder(prepare_data.parse_args(
+      ["kinetics", "--src", src, "--out", str(tmp_path / "data")])).list_source()["train"][0].key
+  assert before.startswith("c__v-") and after.startswith("c__v-") and before != after
+
+
+def test_cache_format_round_trip_and_refuses_other_files():
+  payloads = [{"jpegs": [b"\x00\x01", b""]}, None,
+              {"image": b"xyz", "label": np.arange(6, dtype=np.uint8).reshape(2, 3), "n": 3}]
+  back = ingest.decode_payloads(ingest.encode_payloads(payloads))
+  assert back[0] == {"jpegs": [b"\x00\x01", b""]} and back[1] is None
+  assert back[2]["image"] == b"xyz" and back[2]["n"] == 3
+  np.testing.assert_array_equal(back[2]["label"], payloads[2]["label"])
+  with pytest.raises(ValueError, match="not an ingestion cache"):
+    ingest.decode_payloads(pickle.dumps(payloads))
+  with pytest.raises(TypeError):
+    ingest.encode_payloads([{"x": object()}])

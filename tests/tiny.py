@@ -4,10 +4,14 @@ This file is also the config file of those runs (`--config tests/tiny.py`): ever
 launches the same program shapes, so the JAX persistent compile cache (tests/conftest.py)
 serves every run after the first. ⅛-width ResNet-18, 32×32 synthetic pairs, global batch 8
 in BN groups of 4, D = 32, K = 64; twelve steps, a checkpoint every three, an affinity
-figure every six; grain in-process; no chained evaluation (`eval_after` stays empty).
+figure every six; grain in-process; no chained evaluation (`eval_after` stays empty), except
+in the variant `tests/tiny.py:eval`, which chains a one-epoch linear probe on 32 synthetic
+images (the shapes of tests/test_linear_eval.py, so its compiled probe is reused).
 """
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +27,7 @@ TIMEOUT = 300   # seconds for any one subprocess: a cold compile cache on a busy
 NO_VIZ = "--config.viz_every_steps=0"   # for runs whose figures no test reads
 
 
-def get_config():
+def get_config(variant: str = ""):
   c = defaults.pretrain_config()
   c.seed = 0
   c.batch_size = 8
@@ -48,6 +52,30 @@ def get_config():
   c.model.ema_momentum = 0.9
   c.queue.size = 64
   c.optim.base_lr = 64.0           # lr 1.0 at batch 8: the parameters move visibly
+  if variant == "eval":
+    c.eval_after = eval_config()
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of tests/tiny.py (expected 'eval')")
+  return c
+
+
+def eval_config():
+  """configs/linear_eval_synthetic.py, shrunk: 32 train images (2 steps), 10 val images
+  padded to 72² in batches of 8."""
+  spec = importlib.util.spec_from_file_location(
+      "linear_eval_synthetic", os.path.join(ROOT, "configs", "linear_eval_synthetic.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.num_epochs = 1
+  c.batch_size = 16
+  c.eval_batch_size = 8
+  c.log_every_steps = 1
+  c.num_figure_images = 2
+  c.data.eval_pad_size = (72, 72)
+  c.data.synthetic.num_train_images = 32
+  c.data.synthetic.num_val_images = 10
+  c.supervised = type(c)()   # no supervised reference row: the demo's evidence, not the tests'
   return c
 
 
@@ -71,21 +99,51 @@ def env(num_devices: int, compile_cache: bool = True) -> dict[str, str]:
   return e
 
 
-def main_command(workdir, *args: str) -> list[str]:
-  return [sys.executable, "-m", "cacl_jax.main", "--config", CONFIG, "--workdir", str(workdir),
+def main_command(workdir, *args: str, config: str = CONFIG) -> list[str]:
+  return [sys.executable, "-m", "cacl_jax.main", "--config", config, "--workdir", str(workdir),
           *args]
 
 
 def start_main(workdir, *args: str, log: str, num_devices: int = 8,
-               compile_cache: bool = True) -> subprocess.Popen:
+               compile_cache: bool = True, config: str = CONFIG) -> subprocess.Popen:
   """`python -m cacl_jax.main` on the tiny config in the background, stdout and stderr to the
   file `log` (a pipe that nobody reads while waiting could fill up and stall the child)."""
   with open(log, "w") as out:   # the child keeps its own descriptor
-    proc = subprocess.Popen(main_command(workdir, *args), cwd=ROOT,
-                            env=env(num_devices, compile_cache),
+    # Its own process group: a kill reaches its grain workers too, as a preempted VM's would.
+    proc = subprocess.Popen(main_command(workdir, *args, config=config), cwd=ROOT,
+                            env=env(num_devices, compile_cache), start_new_session=True,
                             stdout=out, stderr=subprocess.STDOUT, text=True)
   proc.log_path = log
   return proc
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+  """(pid, command line) of every descendant of `pid`, from /proc."""
+  parent, cmdline = {}, {}
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        cmdline[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, IndexError, ValueError):
+      continue
+  found, frontier = [], [pid]
+  while frontier:
+    kids = [p for p, pp in parent.items() if pp in frontier]
+    found += kids
+    frontier = kids
+  return [(p, cmdline.get(p, "")) for p in found]
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+  """Sends `sig` to the child and every process it started (grain workers)."""
+  try:
+    os.killpg(proc.pid, sig)
+  except ProcessLookupError:
+    pass
 
 
 def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
@@ -93,7 +151,7 @@ def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
   try:
     proc.wait(timeout=timeout)
   except subprocess.TimeoutExpired:
-    proc.kill()
+    kill_group(proc)
     proc.wait()
   with open(proc.log_path) as f:
     return proc.returncode, f.read()
@@ -101,10 +159,9 @@ def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
 
 def kill_running(procs) -> None:
   """SIGKILL the children still running (a fixture that failed half-way leaves none behind)."""
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-      p.wait()
+  for p in procs:   # exited or not: its grain workers may outlive it
+    kill_group(p)
+    p.wait()
 
 
 def wait_until(condition, procs, what: str, timeout: float = TIMEOUT) -> None:

@@ -1,31 +1,42 @@
 """The grain pipeline of training pairs (SPEC §1): videos -> (v, v+) crops -> host batches.
 
-    MapDataset.source(videos) -> [process_index::process_count] -> seed().shuffle() -> repeat()
-      -> random_map(PairSampler) -> batch(global // processes) -> to_iter_dataset()
-      [-> mp_prefetch(num_workers)] -> map(SkipReport)
+The data stream is global and a function of (seed, step) alone (elastic: any process count):
 
-Batches are `{'v': uint8 [b, S, S, 3], 'v_pos': uint8 [b, S, S, 3]}` with b the per-process
-batch; the photometric part runs on the device (`augment.photometric`). The iterator of the
-returned dataset is checkpointable with `grain.checkpoint.CheckpointSave/CheckpointRestore`.
+    sample g (g = 0, 1, ...) = pair drawn from video perm_e(g mod V), e = g div V, with the
+        element RNG of g        (perm_e: a fresh permutation of the V videos every epoch e)
+    global batch of step t (1-based) = samples [(t-1)·B, t·B)
+    process i of P reads rows [i·B/P, (i+1)·B/P) of each global batch, and decodes only those
+
+    MapDataset.range(∞) -> random_map(PairSampler) -> batch(B/P) -> [(start·P + i)::P]
+      -> to_iter_dataset() [-> mp_prefetch(num_workers)] -> map(SkipReport)
+
+so 1, 2 or 256 processes assemble the same global batches (`make_array_from_process_local_data`
+puts process i's rows where its devices sit), and a run resumed at step S on any number of
+processes continues the stream with `start_step=S`: the checkpoint needs no iterator state.
+
+Batches are `{'v', 'v_pos': uint8 [b, S, S, 3], 'video': int64 [b], 'frames': int32 [b, 2]}`
+with b = B/P: the pairs, and which video and frames (t, t + s) each came from, the identity
+`batch_hash` digests. The photometric part runs on the device (`augment.photometric`).
 
 Decisions:
-* t is drawn per visit from the element's own RNG (grain seeds it from the pipeline seed
-  and the element's position in the repeated stream), so each epoch sees a new pair and a
-  restored iterator continues with exactly the pairs an uninterrupted run would have seen.
+* t is drawn per visit from the element's own RNG (grain seeds it from `seed` and g), so
+  each epoch sees a new pair, and the pair of sample g does not depend on who decodes it.
 * Short videos are clamped, not skipped: a video of T frames uses s' = min(s, T - 1), so a
   1-frame video (an image) gives a same-frame pair and a 5-frame video a stride-4 pair.
   Dropping them would bias the sampling for no gain; with the prepared Kinetics clips (~250
   frames at the default s = 8) it never happens.
 * An undecodable video (its `frames` raises) never stops a run: the sampler replaces it with
-  another video of this process's shard, drawn from the same RNG (deterministic), and the
-  name rides along with the pair to the main process, where `SkipReport` counts it, logs
-  it once and drops it from the batch. After `MAX_TRIES` failures in a row the data is
+  another video of the source drawn from the same RNG (deterministic, whoever decodes it),
+  and the name rides along with the pair to the main process, where `SkipReport` counts it,
+  logs it once and drops it from the batch. After `MAX_TRIES` failures in a row the data is
   broken rather than noisy, and the sampler raises.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
+import sys
 from typing import Any
 
 import grain
@@ -66,32 +77,43 @@ def pretrain_source(data_config: Any, split: str = 'train') -> Any:
   raise ValueError(f"data.name must be 'synthetic', 'kinetics' or 'imagenet', got {name!r}")
 
 
-class PairSampler(grain.transforms.RandomMap):
-  """Video -> {'v', 'v_pos': uint8 [S, S, 3], '_skipped': str}: frames t and t + s, shared crop.
+def video_of_sample(g: int, num_videos: int, seed: int) -> int:
+  """The video sample g is drawn from: position g mod V of epoch g div V's own permutation."""
+  epoch, position = divmod(int(g), num_videos)
+  return grain.experimental.index_shuffle(position, max_index=num_videos - 1,
+                                          seed=(seed + epoch) % 2**32, rounds=4)
 
-  `fallback` is this process's shard of videos, used to replace undecodable ones.
+
+class PairSampler(grain.transforms.RandomMap):
+  """Sample g -> {'v', 'v_pos': uint8 [S, S, 3], 'video': int64, 'frames': int32 [2],
+  '_skipped': str}: frames t and t + s of `video_of_sample(g)`, one shared crop.
+
+  Undecodable videos are replaced by others of `source`, drawn from the element RNG.
   """
 
-  def __init__(self, fallback: grain.MapDataset, image_size: int, stride: int,
+  def __init__(self, source: Any, seed: int, image_size: int, stride: int,
                crop_scale: tuple[float, float] = (0.2, 1.0),
                crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)):
-    self.fallback = fallback
+    self.source, self.seed = source, seed
     self.image_size, self.stride = image_size, stride
     self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
 
-  def _frames(self, video: video_lib.Video, rng: np.random.Generator) -> np.ndarray:
+  def _frames(self, video: video_lib.Video, rng: np.random.Generator) -> tuple[list[int], np.ndarray]:
     if video.num_frames < 1:
       raise ValueError('a video without frames')
     stride = min(self.stride, video.num_frames - 1)
     t = int(rng.integers(0, video.num_frames - stride))
-    return video.frames([t, t + stride])
+    return [t, t + stride], video.frames([t, t + stride])
 
-  def random_map(self, video: video_lib.Video, rng: np.random.Generator) -> dict[str, Any]:
+  def random_map(self, g: int, rng: np.random.Generator) -> dict[str, Any]:
+    index = video_of_sample(g, len(self.source), self.seed)
     skipped = []
     while True:
+      video = self.source[index]
       try:
-        crops = augment.shared_crop_flip(rng, self._frames(video, rng), self.image_size,
-                                         self.crop_scale, self.crop_ratio)
+        frames, pixels = self._frames(video, rng)
+        crops = augment.shared_crop_flip(rng, pixels, self.image_size, self.crop_scale,
+                                         self.crop_ratio)
         break
       except Exception:  # pylint: disable=broad-exception-caught
         # Any decoder error or malformed frame: the name travels to SkipReport.
@@ -99,8 +121,17 @@ class PairSampler(grain.transforms.RandomMap):
         if len(skipped) == MAX_TRIES:
           raise RuntimeError(f'{MAX_TRIES} undecodable videos in a row, the last '
                              f'{skipped[-1]!r}: the data looks broken') from None
-        video = self.fallback[int(rng.integers(len(self.fallback)))]
-    return {'v': crops[0], 'v_pos': crops[1], _SKIPPED: '\n'.join(skipped)}
+        index = int(rng.integers(len(self.source)))
+    return {'v': crops[0], 'v_pos': crops[1], 'video': np.int64(index),
+            'frames': np.asarray(frames, np.int32), _SKIPPED: '\n'.join(skipped)}
+
+
+def batch_hash(video: np.ndarray, frames: np.ndarray) -> int:
+  """The identity of a global batch: a 64-bit BLAKE2b digest (unsigned int) of its rows
+  (video index, t, t + s) in batch order. video: int [B]; frames: int [B, 2]."""
+  rows = np.concatenate([np.asarray(video, np.int64)[:, None], np.asarray(frames, np.int64)], 1)
+  digest = hashlib.blake2b(np.ascontiguousarray(rows, '<i8').tobytes(), digest_size=8).digest()
+  return int.from_bytes(digest, 'little')
 
 
 class SkipReport(grain.transforms.Map):
@@ -128,22 +159,24 @@ class SkipReport(grain.transforms.Map):
 
 
 def make_pretrain_dataset(data_config: Any, *, global_batch_size: int, process_index: int,
-                          process_count: int, seed: int, source: Any = None,
+                          process_count: int, seed: int, start_step: int = 0, source: Any = None,
                           skip_report: SkipReport | None = None) -> grain.IterDataset:
-  """This process's infinite stream of pair batches (see the module docstring).
+  """This process's rows of the run's global batches, from step `start_step` + 1 on.
 
   Args:
     data_config: the `data` ConfigDict (name, image_size, frame_stride, pair_type,
       crop_scale, crop_ratio, num_workers, prefetch, ...).
-    global_batch_size: pairs per step over all processes; must divide by process_count.
-    process_index, process_count: this process reads videos process_index::process_count.
-    seed: the pipeline seed (shuffle order, t, crops).
+    global_batch_size: B, pairs per step over all processes; must divide by process_count.
+    process_index, process_count: this process reads rows [i·B/P, (i+1)·B/P) of each batch.
+    seed: the stream's seed (video order, t, crops).
+    start_step: steps already taken (a resumed run's checkpoint step): the first batch is
+      that of step start_step + 1, as an uninterrupted run would have seen it.
     source: the video source; default `pretrain_source(data_config)`.
     skip_report: receives the names of undecodable videos; a fresh one by default (it
       still logs every new name).
   Returns:
-    grain IterDataset of {'v', 'v_pos': uint8 [global_batch_size // process_count, S, S, 3]};
-    `iter()` of it gives the checkpointable iterator.
+    grain IterDataset of {'v', 'v_pos': uint8 [B/P, S, S, 3], 'video': int64 [B/P],
+    'frames': int32 [B/P, 2]}.
   """
   if global_batch_size % process_count:
     raise ValueError(f'batch_size={global_batch_size} does not divide by the number of '
@@ -157,16 +190,20 @@ def make_pretrain_dataset(data_config: Any, *, global_batch_size: int, process_i
   if stride < 0:
     raise ValueError(f'data.frame_stride must be >= 0, got {stride}')
   source = pretrain_source(data_config) if source is None else source
-  if len(source) < process_count:
-    raise ValueError(f'{len(source)} videos cannot be shared by {process_count} processes')
+  if not len(source):
+    raise ValueError('the pretraining source holds no videos')
 
-  videos = grain.MapDataset.source(source)[process_index::process_count]
-  sampler = PairSampler(videos, data_config.image_size, stride,
+  sampler = PairSampler(source, seed, data_config.image_size, stride,
                         tuple(data_config.get('crop_scale', (0.2, 1.0))),
                         tuple(data_config.get('crop_ratio', (3 / 4, 4 / 3))))
-  ds = (videos.seed(seed).shuffle().repeat()
-        .random_map(sampler)
-        .batch(global_batch_size // process_count, drop_remainder=True))
+  # Row block k of the stream holds samples [k·b, (k+1)·b); step t's global batch is blocks
+  # [(t-1)·P, t·P), of which this process takes block (t-1)·P + i: grain slices lazily, so
+  # only those samples are ever decoded here.
+  local = global_batch_size // process_count
+  ds = (grain.MapDataset.range(sys.maxsize)
+        .random_map(sampler, seed=seed)
+        .batch(local, drop_remainder=True)
+        [int(start_step) * process_count + process_index::process_count])
   num_workers = data_config.get('num_workers', 0)
   prefetch = data_config.get('prefetch', 2)
   # Workers make whole batches; in-process, a few threads overlap Pillow's GIL-free resizes.

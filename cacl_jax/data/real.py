@@ -7,12 +7,13 @@
 
 `DATA` is the `--out` of `python -m cacl_jax.prepare_data`. Sources are picklable (grain
 workers re-open the ArrayRecord files lazily) and do no sharding themselves: the
-pipeline shards indices per process (SPEC §8 multi-host). Reading uses `tfds` only through
+pipeline picks each process' rows of the global batch (SPEC §8 multi-host). Reading uses `tfds` only through
 its TensorFlow-free ArrayRecord data source.
 """
 from __future__ import annotations
 
 import os
+import re
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ NAMES = {
     "imagenet": "cacl_imagenet",
     "voc": "cacl_voc",
     "cityscapes": "cacl_cityscapes",
+    "davis": "cacl_davis2017",
 }
 
 
@@ -39,8 +41,12 @@ def _open(root: str, dataset: str, split: str):
   name = NAMES[dataset]
   command = f"python -m cacl_jax.prepare_data {dataset} --src RAW_DIR --out {root}"
   base = os.path.join(root, name)
-  versions = sorted(v for v in os.listdir(base)
-                    if os.path.exists(os.path.join(base, v, "dataset_info.json"))) if os.path.isdir(base) else []
+  # Only finished versions: TFDS builds in `incomplete.XXXXXX_1.0.0` and renames it at the end;
+  # a build killed after writing its dataset_info.json leaves one behind, never to be read.
+  versions = sorted((v for v in (os.listdir(base) if os.path.isdir(base) else ())
+                     if re.fullmatch(r"\d+\.\d+\.\d+", v)
+                     and os.path.exists(os.path.join(base, v, "dataset_info.json"))),
+                    key=lambda v: tuple(int(x) for x in v.split(".")))
   if not versions:
     raise FileNotFoundError(f"no prepared {dataset} dataset in {base}; run `{command}` first")
   builder = tfds.builder_from_directory(os.path.join(base, versions[-1]))

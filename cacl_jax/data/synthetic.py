@@ -205,16 +205,36 @@ def _lattice(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
   return h.astype(np.float32) / np.float32(2 ** 32)
 
 
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+  return t * t * (3 - 2 * t)
+
+
+def _interpolation_weights(coords: np.ndarray, cell: float) -> tuple[int, np.ndarray]:
+  """1-D lattice weights for world coordinates [S]: (first lattice index, float32 [S, n])
+  with 1 − t at a point's lower lattice neighbour and t (smoothstep) at the upper one."""
+  f = coords / cell
+  i = np.floor(f).astype(np.int64)
+  t = _smoothstep(f - i).astype(np.float32)
+  first = int(i.min())
+  weights = np.zeros((len(coords), int(i.max()) - first + 2), np.float32)
+  rows = np.arange(len(coords))
+  weights[rows, i - first] = 1 - t
+  weights[rows, i - first + 1] = t
+  return first, weights
+
+
 def _value_noise(x: np.ndarray, y: np.ndarray, cell: float, seed: int) -> np.ndarray:
-  """Smooth value noise at world coordinates (x, y): bilinear-smoothstep of lattice hashes."""
-  fx, fy = x / cell, y / cell
-  ix, iy = np.floor(fx), np.floor(fy)
-  tx, ty = fx - ix, fy - iy
-  tx, ty = tx * tx * (3 - 2 * tx), ty * ty * (3 - 2 * ty)
-  ix, iy = ix.astype(np.int64), iy.astype(np.int64)
-  top = _lattice(ix, iy, seed) * (1 - tx) + _lattice(ix + 1, iy, seed) * tx
-  bottom = _lattice(ix, iy + 1, seed) * (1 - tx) + _lattice(ix + 1, iy + 1, seed) * tx
-  return top * (1 - ty) + bottom * ty
+  """Smooth value noise on the grid of world coordinates x [W] × y [H] (float64): the
+  bilinear-smoothstep interpolation of lattice hashes, float32 [H, W].
+
+  Interpolation is separable, so it is two small matrix products with the hashes of the few
+  lattice points the frame covers (W_y · L · W_xᵀ), not per-pixel hashing.
+  """
+  x0, wx = _interpolation_weights(x, cell)
+  y0, wy = _interpolation_weights(y, cell)
+  lattice = _lattice(np.arange(x0, x0 + wx.shape[1])[None, :],
+                     np.arange(y0, y0 + wy.shape[1])[:, None], seed)
+  return wy @ lattice @ wx.T
 
 
 def render(spec: VideoSpec, t: float) -> tuple[np.ndarray, np.ndarray]:
@@ -223,12 +243,12 @@ def render(spec: VideoSpec, t: float) -> tuple[np.ndarray, np.ndarray]:
   centres = np.arange(size, dtype=np.float32) + 0.5
   # The camera pans over the infinite background; objects move in view coordinates.
   cam = spec.pan_start + spec.pan_velocity * t
-  bx = (centres + cam[0])[None, :]
-  by = (centres + cam[1])[:, None]
+  bx = centres.astype(np.float64) + cam[0]
+  by = centres.astype(np.float64) + cam[1]
   n = (0.65 * _value_noise(bx, by, spec.cells[0], spec.noise_seed)
        + 0.35 * _value_noise(bx, by, spec.cells[1], spec.noise_seed + 1))
   lo, hi = spec.background.astype(np.float32)
-  image = lo + n[..., None] * (hi - lo)
+  image = lo + n[..., None] * (hi - lo)   # float32 [S, S, 3]
   labels = np.zeros((size, size), np.uint8)
   for obj in spec.objects:
     cx, cy, r, angle = obj.pose(t)
@@ -243,7 +263,7 @@ def render(spec: VideoSpec, t: float) -> tuple[np.ndarray, np.ndarray]:
     v = (-sin * dx + cos * dy) / r
     mask = _SHAPES[obj.label - 1](u, v)
     on = _TEXTURES[obj.label - 1](u, v)
-    colour = np.where(on[..., None], obj.colours[0], obj.colours[1])
+    colour = np.where(on[..., None], obj.colours[0], obj.colours[1]).astype(np.float32)
     window = image[y0:y1, x0:x1]
     window[mask] = colour[mask]
     labels[y0:y1, x0:x1][mask] = obj.label

@@ -123,9 +123,121 @@ def format_table(metrics: dict) -> str:
 
 
 def format_comparison(results: dict[str, dict]) -> str:
-  """One table of mIoU / mAcc for several runs, e.g. {'pretrained': r1, 'random init': r2}."""
+  """One table of mIoU / mAcc for several runs, e.g. {'pretrained': r1, 'random init': r2}.
+
+  When a run carries the cluster protocol's results under 'cluster', two columns follow: its
+  mIoU and pixel accuracy ('-' for runs without them).
+  """
   width = max([len(n) for n in results] + [8])
-  lines = [f"{'backbone':<{width}}   mIoU   mAcc", "-" * (width + 15)]
+  clustered = any("cluster" in r for r in results.values())
+  extra = "  cluster mIoU  pixel acc" if clustered else ""
+  lines = [f"{'backbone':<{width}}   mIoU   mAcc{extra}", "-" * (width + 15 + len(extra))]
   for name, r in results.items():
-    lines.append(f"{name:<{width}} {r['miou']:6.1f} {r['macc']:6.1f}")
+    line = f"{name:<{width}} {r['miou']:6.1f} {r['macc']:6.1f}"
+    if clustered:
+      c = r.get("cluster")
+      line += f" {c['miou']:13.1f} {c['pixel_acc']:10.1f}" if c else f" {'-':>13} {'-':>10}"
+    lines.append(line)
   return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# DAVIS region similarity J and boundary measure F (video object segmentation).
+#
+# As the DAVIS benchmark defines them (Perazzi et al., CVPR 2016; Pont-Tuset et al., 2017),
+# re-stated from the official davis2017-evaluation code (davis2017/metrics.py: db_eval_iou,
+# f_measure, _seg2bmap; davis2017/evaluation.py: the semi-supervised protocol) and checked
+# against hand-computed cases in tests/test_davis.py.
+# ----------------------------------------------------------------------------------------
+
+BOUNDARY_THRESHOLD = 0.008   # davis2017-evaluation's bound_th: a fraction of the image diagonal
+
+
+def region_similarity(annotation: np.ndarray, segmentation: np.ndarray) -> float:
+  """J: |A ∩ S| / |A ∪ S| of two binary masks [H, W]; 1 when both are empty."""
+  a, s = np.asarray(annotation, bool), np.asarray(segmentation, bool)
+  if a.shape != s.shape:
+    raise ValueError(f"annotation {a.shape} and segmentation {s.shape} differ")
+  union = np.sum(a | s)
+  return 1.0 if union == 0 else float(np.sum(a & s) / union)
+
+
+def boundary_map(mask: np.ndarray) -> np.ndarray:
+  """One-pixel-wide boundaries of a binary mask [H, W] (davis2017's `_seg2bmap`, after
+  D. Martin's BSDS code): a pixel is on the boundary when it differs from its right, lower or
+  lower-right neighbour, so boundaries sit half a pixel towards the origin."""
+  seg = np.asarray(mask, bool)
+  e, s, se = np.zeros_like(seg), np.zeros_like(seg), np.zeros_like(seg)
+  e[:, :-1] = seg[:, 1:]
+  s[:-1, :] = seg[1:, :]
+  se[:-1, :-1] = seg[1:, 1:]
+  b = seg ^ e | seg ^ s | seg ^ se
+  b[-1, :] = seg[-1, :] ^ e[-1, :]
+  b[:, -1] = seg[:, -1] ^ s[:, -1]
+  b[-1, -1] = False
+  return b
+
+
+def boundary_tolerance(shape: tuple[int, int], bound_th: float = BOUNDARY_THRESHOLD) -> int:
+  """The match radius in pixels: `bound_th` itself when ≥ 1, else ceil(bound_th · diagonal)
+  (8 px at 480×854)."""
+  return int(bound_th) if bound_th >= 1 else int(np.ceil(bound_th * np.linalg.norm(shape)))
+
+
+def _disk(radius: int) -> np.ndarray:
+  """skimage.morphology.disk(radius): x² + y² ≤ radius² on a (2r+1)² grid."""
+  grid = np.arange(-radius, radius + 1)
+  return grid[:, None] ** 2 + grid[None, :] ** 2 <= radius ** 2
+
+
+def boundary_measure(annotation: np.ndarray, segmentation: np.ndarray,
+                     bound_th: float = BOUNDARY_THRESHOLD) -> float:
+  """F: the F-measure of boundary precision and recall [H, W] → float.
+
+  A boundary pixel of one mask is matched when a boundary pixel of the other lies within the
+  tolerance disk (`boundary_tolerance`; a binary dilation by that disk, as davis2017's
+  cv2.dilate with skimage's disk). P = matched segmentation boundary / its length, R = matched
+  annotation boundary / its length, F = 2PR / (P + R). Empty boundaries: both → 1; only the
+  segmentation's → P 1, R 0; only the annotation's → P 0, R 1.
+  """
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  a, s = np.asarray(annotation, bool), np.asarray(segmentation, bool)
+  if a.shape != s.shape:
+    raise ValueError(f"annotation {a.shape} and segmentation {s.shape} differ")
+  disk = _disk(boundary_tolerance(a.shape, bound_th))
+  fg, gt = boundary_map(s), boundary_map(a)
+  n_fg, n_gt = int(fg.sum()), int(gt.sum())
+  if n_fg == 0 and n_gt == 0:
+    return 1.0
+  if n_fg == 0 or n_gt == 0:
+    precision, recall = (1.0, 0.0) if n_fg == 0 else (0.0, 1.0)
+  else:
+    precision = np.sum(fg & ndimage.binary_dilation(gt, disk)) / n_fg
+    recall = np.sum(gt & ndimage.binary_dilation(fg, disk)) / n_gt
+  return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+
+
+def davis_sequence_scores(annotations: np.ndarray, predictions: np.ndarray,
+                          bound_th: float = BOUNDARY_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+  """J and F of each object on each evaluated frame of one sequence (semi-supervised protocol).
+
+  Args:
+    annotations: int [T, H, W] ground-truth object ids (0 background; 255 void counts as
+      background, as davis2017-evaluation does in this protocol).
+    predictions: int [T, H, W] predicted ids.
+
+  Returns:
+    (J, F), each float [O, T − 2]: objects 1..O with O = the largest id in the first frame's
+    annotation; frames 1..T − 2 (the given first frame and the last are not scored).
+  """
+  annotations = np.where(np.asarray(annotations) == IGNORE_LABEL, 0, annotations)
+  predictions = np.asarray(predictions)
+  if annotations.shape != predictions.shape:
+    raise ValueError(f"annotations {annotations.shape} and predictions {predictions.shape} differ")
+  num_objects = int(annotations[0].max())
+  frames = range(1, annotations.shape[0] - 1)
+  j = np.array([[region_similarity(annotations[t] == o, predictions[t] == o) for t in frames]
+                for o in range(1, num_objects + 1)]).reshape(num_objects, len(frames))
+  f = np.array([[boundary_measure(annotations[t] == o, predictions[t] == o, bound_th)
+                 for t in frames] for o in range(1, num_objects + 1)]).reshape(num_objects, len(frames))
+  return j, f

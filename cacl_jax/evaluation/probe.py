@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from cacl_jax import parallel
+from cacl_jax import paths
 from cacl_jax import viz
 from cacl_jax.data import augment
 from cacl_jax.evaluation import metrics as metrics_lib
@@ -192,8 +193,12 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 
 
 def _log_jsonl(path: str, record: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+  target = paths.resolve(path)
+  if paths.is_local(path):
+    with target.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+  else:   # object stores cannot append: rewrite the (small) log whole
+    target.write_text((target.read_text() if target.exists() else "") + json.dumps(record) + "\n")
 
 
 def train(state: ProbeState, train_step, batches, mesh, total_steps: int, config,
@@ -301,10 +306,10 @@ def run_probe(config: ml_collections.ConfigDict, backbone_params: Any,
   """
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh)
-  os.makedirs(workdir, exist_ok=True)
+  paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     # One run per workdir: a rerun starts its loss log afresh rather than appending to it.
-    open(os.path.join(workdir, "probe_metrics.jsonl"), "w").close()
+    (paths.resolve(workdir) / "probe_metrics.jsonl").write_text("")
   finetune = bool(config.get("finetune", False))
   train_source = segdata.segmentation_source(config.data, "train")
   val_source = segdata.segmentation_source(config.data, "val")
@@ -316,8 +321,8 @@ def run_probe(config: ml_collections.ConfigDict, backbone_params: Any,
     indices = segdata.subset_indices(len(train_source), config.finetune_fraction, config.seed)
     num_train = len(indices)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "finetune_ids.txt"), "w") as f:
-        f.write("\n".join(_subset_ids(train_source, indices)) + "\n")
+      (paths.resolve(workdir) / "finetune_ids.txt").write_text(
+          "\n".join(_subset_ids(train_source, indices)) + "\n")
   if num_train < config.batch_size:
     raise ValueError(f"{num_train} train images are fewer than batch_size {config.batch_size}")
   steps_per_epoch = num_train // config.batch_size
@@ -372,17 +377,23 @@ def run_probe(config: ml_collections.ConfigDict, backbone_params: Any,
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
-  """The `linear_eval` program: restore → probe (or fine-tune) → WORKDIR/results.json.
+  """The `linear_eval` program: restore → probe (or fine-tune, or cluster) → WORKDIR/results.json.
 
   Restores the online backbone and its BN statistics from the newest checkpoint of
   `config.pretrained` (or `config.checkpoint_step`) onto this run's devices, runs
-  `linear_probe` on `mesh` (default: every device) and writes results.json with the metrics,
+  `linear_probe` (or, with `protocol='cluster'`, `cluster.cluster_probe`) on `mesh` (default:
+  every device) and writes results.json with the metrics,
   `checkpoint_step`, `checkpoint_path` and the evaluation config (process 0).
   """
   from cacl_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from cacl_jax.evaluation import cluster  # pylint: disable=g-import-not-at-top
+  protocol = config.get("protocol", "linear")
+  if protocol not in ("linear", "cluster"):
+    raise ValueError(f"protocol must be 'linear' or 'cluster', got {protocol!r}")
   if not config.get("pretrained"):
     raise ValueError("config.pretrained must name a pretraining workdir "
                      "(--config.pretrained=PRETRAIN_DIR)")
+  paths.resolve(workdir), paths.resolve(config.pretrained)   # a bad URL: one line, before work
   if config.data.name not in ("synthetic", "voc", "cityscapes"):
     raise ValueError(f"data.name must be 'synthetic', 'voc' or 'cityscapes', got {config.data.name!r}")
   segdata.eval_pad_size(config.data)
@@ -397,11 +408,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh=No
   pretrained = checkpoint.restore_pretrained(config.pretrained, config.get("checkpoint_step"))
   if jax.process_index() == 0:
     logging.info("restored the backbone of %s (step %d)", pretrained.path, pretrained.step)
-  results = linear_probe(config, pretrained.params, pretrained.batch_stats,
-                         pretrained.config.model, mesh, workdir)
+  run = cluster.cluster_probe if protocol == "cluster" else linear_probe
+  results = run(config, pretrained.params, pretrained.batch_stats, pretrained.config.model, mesh,
+                workdir)
   results.update({"checkpoint_step": pretrained.step, "checkpoint_path": pretrained.path,
                   "config": json.loads(config.to_json_best_effort())})
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
+    paths.write_text_atomic(paths.resolve(workdir) / "results.json", json.dumps(results, indent=1))
   return results

@@ -12,12 +12,13 @@ _BUILDERS = {
     "imagenet": ("cacl_jax.data.builders.imagenet", "CaclImagenet"),
     "voc": ("cacl_jax.data.builders.segmentation", "CaclVoc"),
     "cityscapes": ("cacl_jax.data.builders.segmentation", "CaclCityscapes"),
+    "davis": ("cacl_jax.data.builders.davis", "CaclDavis2017"),
 }
 DATASETS = tuple(_BUILDERS)
 
 
 def builder_class(dataset: str) -> type:
-  """The TFDS builder class of 'kinetics' | 'imagenet' | 'voc' | 'cityscapes'."""
+  """The TFDS builder class of 'kinetics' | 'imagenet' | 'voc' | 'cityscapes' | 'davis'."""
   if dataset not in _BUILDERS:
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
   module, name = _BUILDERS[dataset]

@@ -168,7 +168,7 @@ class OrderedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     for _, example in generator)
       for shard in _shards(serialized, SHARD_BYTES):
         tmp_paths.append(os.fspath(template.data_dir / f"{split}.tmp-{len(tmp_paths):05d}"))
-        adapter.write_examples(tmp_paths[-1], ((None, r) for r in shard))
+        _write_shard(adapter, tmp_paths[-1], shard)
         lengths.append(len(shard))
         num_bytes += sum(len(r) for r in shard)
       # The shard count is part of each file name, known only now.
@@ -179,6 +179,18 @@ class OrderedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       print(f"{self.name} {split}: wrote {sum(lengths)} records in {len(lengths)} shards "
             f"({num_bytes / 2**20:.1f} MiB)")
     return split_infos
+
+
+def _write_shard(adapter, path: str, records: list[bytes]) -> None:
+  """Writes one ArrayRecord shard. The ArrayRecord writer reports a failed write (disk full,
+  quota) as RuntimeError('write() failed: ...'): that becomes the OSError it is, which
+  prepare_data reports in one line."""
+  try:
+    adapter.write_examples(path, ((None, r) for r in records))
+  except RuntimeError as e:
+    if "write() failed" not in str(e) and "Failed to" not in str(e):
+      raise
+    raise OSError(f"writing {path} failed: {str(e).split(';')[0]}") from e
 
 
 def _shards(records: Iterator[bytes], shard_bytes: int) -> Iterator[list[bytes]]:

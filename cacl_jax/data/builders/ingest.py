@@ -1,11 +1,19 @@
 """Parallel, resumable ingestion: a process pool that caches one file pair per task.
 
 A *task* is a named list of items (one video, or a chunk of images). A worker runs the
-item function on each item and writes `CACHE/<task>.pkl` (the bytes) then
+item function on each item and writes `CACHE/<task>.bin` (the bytes) then
 `CACHE/<task>.json` (small summaries and skips); a task counts as done once its `.json`
-exists, both files are written atomically, so a run killed at any point resumes by
-redoing only unfinished tasks. The TFDS builders then stream the cached payloads into
-ArrayRecord. This module imports neither TFDS nor JAX, so spawned workers start fast.
+exists and its `.bin` starts with the format's magic; both files are written atomically, so a
+run killed at any point resumes by redoing only unfinished tasks. The TFDS builders then
+stream the cached payloads into ArrayRecord. This module imports neither TFDS nor JAX, so
+spawned workers start fast.
+
+The `.bin` format is data, never code (the cache may sit in a shared, writable DATA dir, and
+unpickling a planted file would run it): MAGIC, the byte length of a JSON header, the header,
+then the concatenated blobs. The header is the payload list with every `bytes` value replaced
+by {"$bytes": [offset, length]} and every NumPy array by {"$array": [offset, length, dtype,
+shape]}; everything else in a payload must be JSON (str, int, float, bool, None, lists, dicts
+with str keys not starting with '$').
 """
 from __future__ import annotations
 
@@ -16,11 +24,11 @@ import hashlib
 import json
 import multiprocessing
 import os
-import pickle
 import re
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import tqdm
 
 from cacl_jax.data import decode
@@ -57,6 +65,66 @@ def chunk_tasks(items: Sequence[tuple], chunk_size: int, prefix: str) -> list[Ta
   return tasks
 
 
+MAGIC = b"CACL-INGEST-CACHE-1\n"
+PAYLOAD_SUFFIX = ".bin"
+
+
+def encode_payloads(payloads: list) -> bytes:
+  """The `.bin` bytes of a task's payloads (see the module docstring)."""
+  blobs, size = [], [0]
+
+  def blob(data: bytes) -> list[int]:
+    blobs.append(data)
+    size[0] += len(data)
+    return [size[0] - len(data), len(data)]
+
+  def walk(x):
+    if isinstance(x, (bytes, bytearray, memoryview)):
+      return {"$bytes": blob(bytes(x))}
+    if isinstance(x, np.ndarray):
+      if x.dtype.hasobject:
+        raise TypeError("ingestion payloads hold no object arrays")
+      return {"$array": [*blob(np.ascontiguousarray(x).tobytes()), x.dtype.str, list(x.shape)]}
+    if isinstance(x, np.generic):
+      return x.item()
+    if isinstance(x, dict):
+      if any(not isinstance(k, str) or k.startswith("$") for k in x):
+        raise TypeError(f"payload dict keys must be str not starting with '$': {list(x)}")
+      return {k: walk(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [walk(v) for v in x]
+    if x is None or isinstance(x, (str, int, float, bool)):
+      return x
+    raise TypeError(f"ingestion payloads hold bytes, arrays and JSON values, not {type(x).__name__}")
+
+  header = json.dumps(walk(payloads)).encode()
+  return MAGIC + len(header).to_bytes(8, "little") + header + b"".join(blobs)
+
+
+def decode_payloads(data: bytes) -> list:
+  """Inverse of `encode_payloads`. Raises ValueError for anything else."""
+  if not data.startswith(MAGIC):
+    raise ValueError("not an ingestion cache file")
+  start = len(MAGIC) + 8
+  end = start + int.from_bytes(data[len(MAGIC):start], "little")
+  blobs = memoryview(data)[end:]
+
+  def walk(x):
+    if isinstance(x, dict):
+      if "$bytes" in x:
+        offset, length = x["$bytes"]
+        return bytes(blobs[offset:offset + length])
+      if "$array" in x:
+        offset, length, dtype, shape = x["$array"]
+        return np.frombuffer(blobs[offset:offset + length], dtype=np.dtype(dtype)).reshape(shape).copy()
+      return {k: walk(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return [walk(v) for v in x]
+    return x
+
+  return walk(json.loads(bytes(data[start:end])))
+
+
 def _write_atomic(path: str, data: bytes) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
@@ -74,24 +142,33 @@ def _run_task(item_fn: Callable, cache_dir: str, task: Task) -> TaskResult:
     if skip is not None:
       skips.append(skip)
   base = os.path.join(cache_dir, task.key)
-  _write_atomic(base + ".pkl", pickle.dumps(payloads, protocol=pickle.HIGHEST_PROTOCOL))
+  _write_atomic(base + PAYLOAD_SUFFIX, encode_payloads(payloads))
   _write_atomic(base + ".json", json.dumps({"summaries": summaries, "skips": skips}).encode())
   return TaskResult(task.key, summaries, skips)
 
 
 def _load_result(cache_dir: str, key: str) -> TaskResult | None:
+  """The cached result of task `key`, or None when it must be (re)done: files missing, or a
+  payload file that is not in this format (a foreign or planted file is redone, never read)."""
   path = os.path.join(cache_dir, key + ".json")
-  if not os.path.exists(path) or not os.path.exists(os.path.join(cache_dir, key + ".pkl")):
+  payload = os.path.join(cache_dir, key + PAYLOAD_SUFFIX)
+  if not os.path.exists(path) or not os.path.exists(payload):
     return None
-  with open(path) as f:
-    blob = json.load(f)
-  return TaskResult(key, blob["summaries"], blob["skips"])
+  with open(payload, "rb") as f:
+    if f.read(len(MAGIC)) != MAGIC:
+      return None
+  try:
+    with open(path) as f:
+      blob = json.load(f)
+    return TaskResult(key, blob["summaries"], blob["skips"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def load_payloads(cache_dir: str, key: str) -> list[dict | None]:
   """The cached payloads of one task, aligned with its items (None = skipped)."""
-  with open(os.path.join(cache_dir, key + ".pkl"), "rb") as f:
-    return pickle.load(f)
+  with open(os.path.join(cache_dir, key + PAYLOAD_SUFFIX), "rb") as f:
+    return decode_payloads(f.read())
 
 
 def run(tasks: Sequence[Task], item_fn: Callable[[Any], tuple[dict, dict]], cache_dir: str,

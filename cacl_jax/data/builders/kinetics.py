@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import os
 from typing import Callable, Iterator
 
@@ -94,9 +95,17 @@ class CaclKinetics400(FrameBuilder):
           self.listing_skips[split].append({
               "name": path, "kind": "not_in_annotations",
               "reason": f"{path}: not listed in {self._src}/annotations/{split}.csv"})
-      splits[split] = [ingest.Task(ingest.safe_key(video_id), ((video_id, path, label_index[label]),))
+      splits[split] = [ingest.Task(source_key(video_id, path), ((video_id, path, label_index[label]),))
                        for video_id, path, label in videos if label is not None]
     return splits
+
+
+def source_key(video_id: str, path: str) -> str:
+  """The cache key of one video: its id and its file's size and mtime, so a video replaced
+  under the same name is decoded again, never served from the cache of the old file."""
+  stat = os.stat(path)
+  stamp = hashlib.sha1(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+  return f"{ingest.safe_key(video_id)}-{stamp}"
 
 
 def _video_files(folder: str) -> list[str]:

@@ -1,0 +1,268 @@
+"""Variants × seeds of pretraining + evaluation, summarised in one table (any ablation).
+
+    python -m cacl_jax.sweep --config configs/demo.py --variants cacl,two_heads,mocov2 \
+        --seeds 0,1,2 --workdir DIR [--config.KEY=VALUE ...]
+
+Each run is `python -m cacl_jax.main --config FILE:VARIANT --workdir DIR/VARIANT/seed_S
+--config.seed=S [--config.KEY=VALUE ...]` in its own process, one after another; the
+`--config.*` overrides apply to every run. A config that chains its evaluation (`eval_after`,
+as configs/demo.py) is evaluated by `main`; for any other, `--eval_config FILE` runs
+`python -m cacl_jax.linear_eval` on the run (`--eval_override KEY=VALUE` sets its keys, e.g.
+`data.root=/data/prepared/cityscapes`).
+
+Resumable: a run whose results.json exists is not rerun, and an interrupted one resumes from
+its own checkpoints; a failed run is recorded (exit code, last line of its log) and the sweep
+goes on. Writes, after every run:
+  DIR/sweep.json   every run (variant, seed, miou, macc, random-init miou, last logged metrics)
+                   and the summary per variant;
+  DIR/sweep.md     mean ± std over seeds per variant, the paper's number beside it where the
+                   config file names one (`PAPER_MIOU = {variant: mIoU}`);
+  DIR/sweep.png    the same as a bar chart with the seeds as dots.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from cacl_jax import cli
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Pretraining config file (its variants are swept).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Sweep directory: one sub-directory per variant and seed.")
+flags.DEFINE_list("variants", None, "Variant names of the config file, e.g. cacl,two_heads,mocov2.")
+flags.DEFINE_list("seeds", ["0"], "Seeds, e.g. 0,1,2.")
+flags.DEFINE_string("eval_config", None, "Evaluation config for configs without `eval_after`.")
+flags.DEFINE_multi_string("eval_override", [], "KEY=VALUE for the evaluation config (repeatable).")
+flags.mark_flags_as_required(["config", "workdir", "variants"])
+
+RANDOM_INIT = "random init"
+
+
+# ---------------------------------------------------------------- one run
+
+def run_dir(workdir: str, variant: str, seed: int) -> str:
+  return os.path.join(workdir, variant, f"seed_{seed}")
+
+
+def results_path(run: str, chained: bool) -> str:
+  return os.path.join(run, "linear_eval" if chained else "eval", "results.json")
+
+
+def commands(config_file: str, variant: str, seed: int, run: str, overrides: list[str],
+             eval_config: str | None, eval_overrides: list[str]) -> list[list[str]]:
+  """The processes of one run: pretraining (+ chained evaluation), or pretraining then
+  `linear_eval` when an evaluation config is given."""
+  py = sys.executable
+  cmds = [[py, "-m", "cacl_jax.main", "--config", f"{config_file}:{variant}", "--workdir", run,
+           f"--config.seed={seed}", *overrides]]
+  if eval_config:
+    cmds.append([py, "-m", "cacl_jax.linear_eval", "--config", eval_config,
+                 "--workdir", os.path.join(run, "eval"), f"--config.pretrained={run}",
+                 *[f"--config.{kv}" for kv in eval_overrides]])
+  return cmds
+
+
+def last_metrics(run: str) -> dict:
+  """The last well-formed record of the run's metrics.jsonl ({} if none)."""
+  path = os.path.join(run, "metrics.jsonl")
+  last = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          last = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+  return last
+
+
+def record(variant: str, seed: int, run: str, chained: bool) -> dict:
+  """One run's row from its files (status 'done' when results.json exists)."""
+  row = {"variant": variant, "seed": seed, "workdir": run, "status": "missing"}
+  path = results_path(run, chained)
+  if os.path.exists(path):
+    with open(path) as f:
+      res = json.load(f)
+    row.update(status="done", miou=res["miou"], macc=res["macc"])
+    if "random_init" in res:
+      row["random_init_miou"] = res["random_init"]["miou"]
+    row["final_metrics"] = last_metrics(run)
+  return row
+
+
+def execute(cmds: list[list[str]], run: str) -> tuple[int, str]:
+  """Runs the commands in order, output appended to RUN/log.txt; returns (code, last line)."""
+  os.makedirs(run, exist_ok=True)
+  log = os.path.join(run, "log.txt")
+  code = 0
+  for cmd in cmds:
+    with open(log, "a") as out:
+      out.write("$ " + " ".join(cmd) + "\n")
+      out.flush()
+      code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
+    if code:
+      break
+  with open(log) as f:
+    lines = [line.strip() for line in f if line.strip()]
+  return code, (lines[-1] if lines else "")
+
+
+# ---------------------------------------------------------------- the summary
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+  n = len(values)
+  mean = sum(values) / n
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+  return mean, std
+
+
+def summarise(rows: list[dict], variants: list[str], paper: dict[str, float]) -> dict:
+  """variant → {miou_mean, miou_std, macc_mean, n, seeds, paper}; plus the random-init row
+  when the runs report one."""
+  out = {}
+  for v in variants:
+    done = [r for r in rows if r["variant"] == v and r["status"] == "done"]
+    if done:
+      m, s = mean_std([r["miou"] for r in done])
+      a, _ = mean_std([r["macc"] for r in done])
+      out[v] = {"miou_mean": m, "miou_std": s, "macc_mean": a, "n": len(done),
+                "mious": [r["miou"] for r in done], "paper": paper.get(v)}
+  rand = [r["random_init_miou"] for r in rows if r["status"] == "done" and "random_init_miou" in r]
+  if rand:
+    m, s = mean_std(rand)
+    out[RANDOM_INIT] = {"miou_mean": m, "miou_std": s, "n": len(rand), "mious": rand,
+                        "paper": None}
+  return out
+
+
+def markdown(summary: dict, header: str) -> str:
+  lines = [header, "", "| variant | linear-probe mIoU (mean ± std) | seeds | mAcc | paper (Cityscapes, R18) |",
+           "|---|---|---|---|---|"]
+  for name, s in sorted(summary.items(), key=lambda kv: -kv[1]["miou_mean"]):
+    paper = f"{s['paper']:.1f}" if s.get("paper") is not None else "–"
+    macc = f"{s['macc_mean']:.1f}" if "macc_mean" in s else "–"
+    seeds = ", ".join(f"{x:.1f}" for x in s["mious"])
+    lines.append(f"| {name} | {s['miou_mean']:.1f} ± {s['miou_std']:.1f} | {seeds} | {macc} | {paper} |")
+  return "\n".join(lines) + "\n"
+
+
+def bar_chart(summary: dict, path: str, title: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = list(summary)
+  fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
+  means = [summary[n]["miou_mean"] for n in names]
+  stds = [summary[n]["miou_std"] for n in names]
+  ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#7aa6c2")
+  for i, n in enumerate(names):
+    ax.plot([i] * len(summary[n]["mious"]), summary[n]["mious"], "k.", alpha=0.6)
+  ax.set_xticks(range(len(names)), names, rotation=20)
+  ax.set_ylabel("linear-probe mIoU (%)")
+  ax.set_title(title, fontsize=9)
+  ax.grid(axis="y", alpha=0.3)
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  plt.close(fig)
+
+
+def write_outputs(workdir: str, rows: list[dict], variants: list[str], paper: dict, args: dict):
+  summary = summarise(rows, variants, paper)
+  header = (f"Sweep `{args['command']}`\n\n{sum(r['status'] == 'done' for r in rows)} of "
+            f"{len(rows)} runs done.")
+  tmp = os.path.join(workdir, "sweep.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump({"args": args, "runs": rows, "summary": summary}, f, indent=1)
+  os.replace(tmp, os.path.join(workdir, "sweep.json"))
+  with open(os.path.join(workdir, "sweep.md"), "w") as f:
+    f.write(markdown(summary, header))
+  if summary:
+    bar_chart(summary, os.path.join(workdir, "sweep.png"), args["command"][:120])
+  return summary
+
+
+# ---------------------------------------------------------------- main
+
+def load_config_module(config_file: str):
+  """The config file as a module (its `get_config(variant)` and optional `PAPER_MIOU`)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_sweep_config", config_file)
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(config_file)))
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.pop(0)
+  return module
+
+
+def main(argv):
+  del argv
+  config_file = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]
+  chained = bool(FLAGS.config.get("eval_after"))
+  if not chained and not FLAGS.eval_config:
+    sys.exit("sweep: error: the config chains no evaluation (`eval_after`): pass --eval_config FILE")
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    sys.exit(f"sweep: error: --seeds must be integers, got {','.join(FLAGS.seeds)}")
+  # Every variant must exist before hours of work start (the config file raises on unknown names).
+  module = load_config_module(config_file)
+  for v in FLAGS.variants:
+    try:
+      module.get_config(v)
+    except (ValueError, KeyError, TypeError) as e:
+      sys.exit(f"sweep: error: {config_file}:{v}: {e}")
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  workdir = FLAGS.workdir
+  os.makedirs(workdir, exist_ok=True)
+  paper = dict(getattr(module, "PAPER_MIOU", {}))
+  args = {"command": " ".join(["python -m cacl_jax.sweep", *sys.argv[1:]]),
+          "config": config_file, "variants": FLAGS.variants, "seeds": seeds, "overrides": overrides,
+          "eval_config": FLAGS.eval_config, "eval_overrides": FLAGS.eval_override}
+  plan = [(v, s) for s in seeds for v in FLAGS.variants]   # seed-major: early rows are comparable
+  eval_config = None if chained else FLAGS.eval_config
+  rows, failed, durations = [], 0, []
+  for k, (variant, seed) in enumerate(plan, start=1):
+    run = run_dir(workdir, variant, seed)
+    row = record(variant, seed, run, chained)
+    if row["status"] != "done":
+      eta = (f", ETA {_hms(sum(durations) / len(durations) * (len(plan) - k + 1))}"
+             if durations else "")
+      print(f"[{k}/{len(plan)}] {variant} seed {seed} → {run}{eta}", flush=True)
+      start = time.time()
+      code, last = execute(commands(config_file, variant, seed, run, overrides, eval_config,
+                                    FLAGS.eval_override), run)
+      durations.append(time.time() - start)
+      row = record(variant, seed, run, chained)
+      if row["status"] != "done":
+        failed += 1
+        row.update(status="failed", exit_code=code, last_line=last)
+        print(f"[{k}/{len(plan)}] {variant} seed {seed} FAILED (exit {code}): {last}", flush=True)
+      else:
+        print(f"[{k}/{len(plan)}] {variant} seed {seed}: mIoU {row['miou']:.1f} "
+              f"({_hms(durations[-1])})", flush=True)
+    else:
+      print(f"[{k}/{len(plan)}] {variant} seed {seed}: done already, mIoU {row['miou']:.1f}", flush=True)
+    rows.append(row)
+    summary = write_outputs(workdir, rows, FLAGS.variants, paper, args)
+  print("\n" + markdown(summary, f"sweep of {len(plan)} runs in {workdir}"), flush=True)
+  print(f"written: {os.path.join(workdir, 'sweep.json')}, sweep.md, sweep.png", flush=True)
+  if failed:
+    sys.exit(f"sweep: error: {failed} of {len(plan)} runs failed (see their log.txt)")
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags("sweep"))
