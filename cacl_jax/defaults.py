@@ -43,7 +43,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"       # compute dtype: 'float32' | 'bfloat16' | 'auto' (bf16 on GPU/TPU,
                                   # f32 on CPU); params, BN statistics and losses stay f32
   c.model.pixel_shuffle = True    # eq. 7
-  c.model.shuffle_rolls = "independent"  # 'independent' per frame | 'shared' by v and v+ (SPEC §9)
+  c.model.shuffle_rolls = "shared"  # one roll for v and v+ (README "What the demo shows") | 'independent'
   c.model.padding = "zeros"       # 'zeros' (torchvision, paper) | 'circular' (no position leak)
   c.model.bn_mode = "group"       # 'group' (fixed groups + shuffle-BN for the target) | 'sync'
   c.model.bn_group_size = 32      # the paper's per-GPU batch
@@ -55,13 +55,13 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.loss.weights = ml_collections.ConfigDict({"global": 1.0, "pixel": 1.0, "cycle": 1.0})
   c.loss.temperature = ml_collections.ConfigDict({"global": 0.07, "pixel": 0.07, "cycle": 0.07})
   c.loss.pixel_match = "global"   # 'global' (eq. 4) | 'same_position' (Table 1a, pixel head alone)
-  c.loss.pixel_negatives = "queue"  # 'queue' | 'queue+frame' (eq. 4's printed {p^i} ∪ p+^m)
-  c.loss.global_pool = "after_head"  # 'after_head' l2n(mean g_G(h)) | 'before_head' g_G(GAP(h))
+  c.loss.pixel_negatives = "queue+frame"  # eq. 4's printed {p^i} ∪ p+^m | 'queue' (SPEC §3)
+  c.loss.global_pool = "before_head"  # g_G(GAP(h)), as MoCo-v2 | 'after_head' l2n(mean g_G(h))
   c.loss.affinity = "global_head"   # A and T from u (paper) | 'backbone': from h (DenseCL; diagnostic)
   c.loss.soft_cycle = True        # the soft cycle trick (KL to the soft target T)
-  c.loss.soft_target = "cross"    # T: 'cross' û û+ᵀ | 'self' û ûᵀ | 'cycle' (losses.soft_cycle_target)
-  c.loss.soft_target_identity = 0.0  # λ: target λ·I + (1−λ)·T (knowledge distillation's mix)
-  c.loss.cycle_negatives = True   # Q_C in the cycle path
+  c.loss.soft_target = "self"     # T: 'self' û ûᵀ | 'cross' û û+ᵀ | 'cycle' (losses.soft_cycle_target)
+  c.loss.soft_target_identity = 0.5  # λ: target λ·I + (1−λ)·T (knowledge distillation's mix)
+  c.loss.cycle_negatives = False  # Q_C in the cycle path (SPEC §3: True; it collapses c, see README)
 
   c.queue = ml_collections.ConfigDict()
   c.queue.size = 16_384           # K
