@@ -138,16 +138,17 @@ def test_gap_before_head_is_the_head_on_the_pooled_map():
   np.testing.assert_allclose(np.asarray(out['u_gap'])[:, 0, 0], expected, rtol=1e-4, atol=1e-5)
   cfg = _config(global_pool='before_head')
   chex.assert_shape(step_lib.global_map(out, cfg), (4, 1, 16))
-  chex.assert_shape(step_lib.global_map(out, _config()), (4, 16, 16))
+  chex.assert_shape(step_lib.global_map(out, _config(global_pool='after_head')), (4, 16, 16))
 
 
 # ---------------------------------------------------------------- pixel shuffle and padding
 
 def test_shared_rolls_give_both_frames_one_roll():
   config = _config()
+  config.model.shuffle_rolls = 'independent'
   k1, k2 = jax.random.split(jax.random.key(3))
   rolls, rolls_pos = step_lib.pair_rolls(k1, k2, 64, 64, 64, config)
-  assert np.any(np.asarray(rolls) != np.asarray(rolls_pos))   # independent (SPEC §2 default)
+  assert np.any(np.asarray(rolls) != np.asarray(rolls_pos))   # independent (SPEC §2)
   config.model.shuffle_rolls = 'shared'
   rolls, rolls_pos = step_lib.pair_rolls(k1, k2, 64, 64, 64, config)
   np.testing.assert_array_equal(rolls, rolls_pos)
