@@ -15,19 +15,22 @@ sys.path.insert(0, ROOT)
 
 
 def step_config(backbone="resnet18", width_divisor=1, image_size=112, batch=16, queue=16384,
-                group=None, soft_cycle=False, dtype="float32"):
+                group=None, soft_cycle=False, dtype="float32", readings="peer"):
   """The CACL pretraining config at one benchmark shape (defaults: the PyTorch peer's shape:
   hard cycle, three heads, K = 16384, BN over the whole batch of one device).
 
-  The losses are the peer's (`../shared/bench/torch_peer.py`): SPEC §3's first readings (GAP
-  after g_G, queue-only pixel negatives, Q_C in the cycle's second jump), so both sides compute
-  the same thing; the defaults' readings cost less (no Q_C in the cycle) or the same within a
-  few percent (the N×N frame negatives beside the N×K queue ones).
+  readings: 'peer' — the losses of the PyTorch peer (`../shared/bench/torch_peer.py`), SPEC §3's
+  first readings (GAP after g_G, queue-only pixel negatives, Q_C in the cycle's second jump), so
+  that both sides compute the same thing; 'defaults' — `cacl_jax.defaults` (no Q_C in the
+  cycle, N×N frame negatives beside the N×K queue ones), what a run trains.
   """
   from cacl_jax import defaults  # pylint: disable=g-import-not-at-top
   c = defaults.pretrain_config()
-  c.loss.global_pool, c.loss.pixel_negatives, c.loss.cycle_negatives = "after_head", "queue", True
-  c.model.shuffle_rolls = "independent"
+  if readings == "peer":
+    c.loss.global_pool, c.loss.pixel_negatives, c.loss.cycle_negatives = "after_head", "queue", True
+    c.model.shuffle_rolls = "independent"
+  elif readings != "defaults":
+    raise ValueError(f"readings must be 'peer' or 'defaults', got {readings!r}")
   c.batch_size, c.data.image_size, c.queue.size = batch, image_size, queue
   c.model.backbone, c.model.width_divisor = backbone, width_divisor
   c.model.bn_group_size = group or batch

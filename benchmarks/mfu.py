@@ -5,8 +5,8 @@
   python benchmarks/mfu.py --tiny                          # seconds: the suite's smoke test
 
 Compiles the whole CACL step (augmentation, target, online, three losses with K-long queues,
-LARS, EMA, enqueue; the paper's soft cycle) over every local device, with the batch split over
-them. Flops per step come from XLA's cost analysis of the step (traced once more with the
+LARS, EMA, enqueue; the defaults' losses: soft cycle, no Q_C in it) over every local device,
+with the batch split over them. Flops per step come from XLA's cost analysis of the step (traced once more with the
 loss's chunk loops unrolled, whose bodies it would otherwise count once), divided by the device
 count; the step is timed after a warm-up (median of `--steps`). Prints pairs/s, backbone images/s (two per
 pair: target and online), achieved TFLOP/s per device, and MFU against the chip's dense bf16
@@ -64,7 +64,7 @@ def measure(backbone, width, size, per_device_batch, queue, dtype, steps, group)
   n = jax.device_count()
   batch = per_device_batch * n
   config = common.step_config(backbone, width, size, batch, queue, group=min(group, batch),
-                              soft_cycle=True, dtype=dtype)
+                              soft_cycle=True, dtype=dtype, readings="defaults")
   compiled, state, data, compile_s = common.build_step(config)
   flops = step_flops(config, state, data)
   times, _ = common.time_steps(compiled, state, data, steps)

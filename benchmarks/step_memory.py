@@ -41,7 +41,7 @@ def analyse(backbone, height, width, batch, queue, dtype, soft_cycle):
   from cacl_jax.models.cacl import model_from_config  # pylint: disable=g-import-not-at-top
   group = max(g for g in range(1, min(batch, 32) + 1) if batch % g == 0)
   config = common.step_config(backbone, 1, height, batch, queue, group=group,
-                              soft_cycle=soft_cycle, dtype=dtype)
+                              soft_cycle=soft_cycle, dtype=dtype, readings="defaults")
   mesh = parallel.make_mesh(1)
   model = model_from_config(config.model)
   tx, schedule = optim.make_optimizer(config)
