@@ -78,3 +78,12 @@ def machine():
   return {"devices": [str(d) for d in jax.devices()], "device_kind": jax.devices()[0].device_kind,
           "platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_avg": os.getloadavg()}
+
+
+def write_results(path: str, args, **payload) -> None:
+  """benchmarks/results/X.json: the machine, the script's arguments and its results."""
+  import json  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"machine": machine(), "args": vars(args), **payload}, f, indent=1)
+  print(f"\nwritten to {path}")

@@ -20,7 +20,6 @@ backward). The table prints this step's MFU beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 
@@ -114,11 +113,7 @@ def main(argv=None):
           f"{r['ms_per_step']:,.0f} | {r['pairs_per_s']:.1f} | {r['images_per_s']:.1f} | "
           f"{r['gflop_per_pair']:.0f} | {achieved} | {mfu} |")
   print(f"anchor: NVIDIA's PyTorch ResNet-50 on A100 (AMP) ≈ {100 * ANCHOR_MFU:.0f} % MFU")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"machine": common.machine(), "args": vars(args), "anchor_mfu": ANCHOR_MFU,
-               "rows": rows}, f, indent=1)
-  print(f"written to {args.out}")
+  common.write_results(os.path.abspath(args.out), args, anchor_mfu=ANCHOR_MFU, rows=rows)
   return rows
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import re
 import tempfile
@@ -195,10 +194,7 @@ def main():
     for r in summary["top_ops"]:
       print(f"{r['op'][:28]:<28} {r['kind']:<8} {r['ms']:>8.1f} {100 * r['share']:>5.1f}%  "
             f"{r['op_name'][-70:]}")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"machine": common.machine(), "args": vars(args), "results": results}, f, indent=1)
-  print(f"\nwritten to {args.out}")
+  common.write_results(args.out, args, results=results)
 
 
 if __name__ == "__main__":

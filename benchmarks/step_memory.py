@@ -19,7 +19,6 @@ Writes benchmarks/results/step_memory.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -97,10 +96,7 @@ def main():
       print(f"{r['batch']:>4} {r['temp'] / GIB:>9.2f} {r['peak'] / GIB:>9.2f} {r['compile_s']:>9.1f}")
     print(f"peak ≈ {fixed / GIB:.2f} GiB + B × {per_image / GIB:.3f} GiB; largest B: " +
           ", ".join(f"{k}: {v['batch']}" for k, v in fits.items()), flush=True)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"machine": common.machine(), "args": vars(args), "results": results}, f, indent=1)
-  print(f"\nwritten to {args.out}")
+  common.write_results(args.out, args, results=results)
 
 
 if __name__ == "__main__":

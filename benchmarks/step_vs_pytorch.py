@@ -78,10 +78,7 @@ def main():
   for r in rows:
     print(f"| {r['size']} ({r['backbone']} ÷{r['width_divisor']}, {r['image_size']} px) | "
           f"{r['ours_ms']:,.0f} | {r['pytorch_ms']:,.0f} | {r['speedup']:.2f}× |")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"machine": common.machine(), "args": vars(args), "rows": rows}, f, indent=1)
-  print(f"written to {args.out}")
+  common.write_results(args.out, args, rows=rows)
 
 
 if __name__ == "__main__":

@@ -133,20 +133,6 @@ def test_max_pool_matches_reduce_window_values_and_gradient(padding):
   np.testing.assert_array_equal(np.asarray(jax.vjp(ours, x)[1](g)[0]), np.asarray(jax.vjp(ref, x)[1](g)[0]))
 
 
-def test_circular_padding_makes_the_backbone_roll_equivariant():
-  """model.padding='circular': rolling the image by a multiple of the output stride rolls the
-  feature map by exactly that / 8 (so pixel shuffle can leak no position)."""
-  c = tiny_config()
-  c.model.padding = "circular"
-  model = model_from_config(c.model)
-  x = jax.random.normal(jax.random.key(0), (4, SIZE, SIZE, 3))
-  variables = model.init(jax.random.key(1), x, train=False)
-  apply = jax.jit(lambda t: model.apply(variables, t, train=False)["c"])
-  rolled = apply(jnp.roll(x, (8, 16), axis=(1, 2)))
-  np.testing.assert_allclose(np.asarray(rolled), np.asarray(jnp.roll(apply(x), (1, 2), axis=(1, 2))),
-                             rtol=1e-5, atol=1e-5)
-
-
 # ---------------------------------------------------------------- BN groups / shuffle-BN
 
 def test_group_batchnorm_uses_per_group_statistics():
