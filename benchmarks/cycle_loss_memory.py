@@ -8,7 +8,8 @@ big is allocated) and XLA's `temp_size_in_bytes` is read for the forward and for
 `value_and_grad` (what training runs). Small sizes are also run and timed on the CPU.
 Variants: 'hard' / 'soft' are `cacl_jax.losses.cycle_loss`; 'explicit_M' is the textbook
 hard loss that forms M = P1 P2 (the N×(N+K) product) for comparison; 'pixel' is
-`pixel_loss` at the paper's per-device size, to show which head dominates memory there.
+`pixel_loss` at the paper's per-device size, to show which head dominates memory there, and
+'pixel_frame' the same with the defaults' negatives (the queue and the frame's other pixels).
 Writes benchmarks/results/cycle_loss_memory.json.
 """
 import argparse
@@ -53,6 +54,9 @@ def make_fn(variant, b, n):
     return functools.partial(explicit_m_hard, temperature=TAU)
   if variant == 'pixel':
     return lambda p, p_pos, q, u: losses.pixel_loss(p, p_pos, u, p_pos, q, TAU)
+  if variant == 'pixel_frame':   # the defaults' negatives: the queue and the frame's own pixels
+    return lambda p, p_pos, q, u: losses.pixel_loss(p, p_pos, u, p_pos, q, TAU,
+                                                    negatives='queue+frame')
   raise ValueError(f'unknown variant {variant!r}')
 
 
@@ -60,7 +64,7 @@ def inputs(variant, b, n, k, concrete):
   shapes = [(b, n, D), (b, n, D), (k, D)]
   if variant == 'soft':
     shapes.append((b, n, n))
-  if variant == 'pixel':
+  if variant in ('pixel', 'pixel_frame'):
     shapes.append((b, n, D))
   if not concrete:
     return [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
@@ -104,7 +108,7 @@ def main():
   cases = [(v, 1, n, k) for n in (256, 1024, 4096) for k in (0, 16384)
            for v in ('hard', 'soft', 'explicit_M')]
   # The paper's per-device batch: 32 images of 28×28 pixels (224 / 8), K = 16384.
-  cases += [(v, 32, 784, 16384) for v in ('hard', 'soft', 'pixel')]
+  cases += [(v, 32, 784, 16384) for v in ('hard', 'soft', 'pixel', 'pixel_frame')]
   if args.quick:
     cases = [c for c in cases if c[2] <= TIME_MAX_N and c[1] == 1]
 

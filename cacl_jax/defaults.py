@@ -40,7 +40,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.backbone = "resnet18"   # 'resnet18' | 'resnet50'
   c.model.width_divisor = 1       # 4 or 8: the narrow CPU variants
   c.model.embed_dim = 128         # D
-  c.model.dtype = "float32"       # compute dtype: 'float32' | 'bfloat16' (params, losses f32)
+  c.model.dtype = "float32"       # compute dtype: 'float32' | 'bfloat16' | 'auto' (bf16 on GPU/TPU,
+                                  # f32 on CPU); params, BN statistics and losses stay f32
   c.model.pixel_shuffle = True    # eq. 7
   c.model.shuffle_rolls = "shared"  # one roll for v and v+ (README "What the demo shows") | 'independent'
   c.model.padding = "zeros"       # 'zeros' (torchvision, paper) | 'circular' (no position leak)

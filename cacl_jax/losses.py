@@ -17,17 +17,19 @@ works on its own B/devices images, whereas `lax.map` scans over the sharded axis
 partitioner answers that by all-gathering the whole batch and running all B iterations on
 every device (checked on 8 CPU devices: an all-gather of the full batch appears in the HLO).
 The price is that memory scales with the per-device batch, so the per-image footprint is
-kept small instead:
-  * the hard cycle keeps only N×N matrices for the backward pass: S2's first N columns are
-    S1ᵀ, and the queue columns of S2 only enter through P2's row normaliser, which is a
-    constant (ĉ+ and Q carry no gradient), computed forward-only in chunks of
-    `_QUEUE_CHUNK` queue rows. No N×N×N, (N×N)·(N+K) or even N×K array exists;
-  * the soft cycle adds one N×N matmul (M's first N columns), never N×N×N;
-  * the pixel and global losses hold their N×K (resp. 1×K) logits, O(N·(N+K)) per image.
-At paper scale (N = 28·28, K = 16384, 32 images per device) the pixel loss's
-32×784×16384 float32 logits (1.6 GiB; 3.1 GiB of XLA temporaries with the backward) are
-the largest loss arrays; the cycle loss needs well under 1 GB there.
-`benchmarks/cycle_loss_memory.py` measures all of this.
+kept independent of K and small in N (`loss_kernels.py` holds the kernels):
+  * the queue negatives of the global and pixel losses are streamed: an online logsumexp over
+    chunks of `_QUEUE_CHUNK` queue rows with a hand-written VJP that keeps only the
+    softmax-weighted mean of the keys (B×N×D), never the B×N×K logits;
+  * the hard cycle keeps only vectors for the backward pass and rebuilds S1 in row chunks of
+    `_ROW_CHUNK` (S2's first N columns are S1ᵀ; the queue enters through P2's row normaliser,
+    a constant streamed like the negatives above);
+  * the soft cycle adds M's first N columns, one N×N matmul of P1 and P2 per row chunk, and
+    holds two N×N matrices (P2's first N columns and their gradient); never N×N×N.
+At the paper's per-device size (32 images, N = 28·28, K = 16384) value + gradient of the pixel
+loss need well under a quarter of one 32×784×16384 float32 logits block (1.6 GiB), and the hard
+cycle at N = 4096, K = 16384 under half of one N×(N+K) float32 matrix
+(`benchmarks/cycle_loss_memory.py` measures all of this; tests/test_losses.py holds the bounds).
 
 Matmuls use `Precision.HIGHEST`: on TPU the default f32 matmul is a single bfloat16 pass,
 which at τ = 0.07 puts errors of a few 1e-2 on the logits; the loss matmuls are a small fraction
@@ -38,12 +40,15 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from cacl_jax import loss_kernels
+
 _HIGHEST = jax.lax.Precision.HIGHEST
-# Queue rows per chunk when a row-wise reduction over ĉ+ Qᵀ is needed: bounds the
-# transient block to N×2048 per image whatever K is (at 32 images of N = 784 per device
-# that block is 205 MB; each chunk's matmul is still [25088, 128] x [128, 2048]).
-_QUEUE_CHUNK = 2048
-_TINY = float(jnp.finfo(jnp.float32).tiny)
+# Queue rows per streamed chunk: bounds the transient logits block to N×1024 per image whatever
+# K is (at 32 images of N = 784 per device that block is 103 MB; each chunk's matmul is still
+# [25088, 128] x [128, 1024]). Read at trace time.
+_QUEUE_CHUNK = 1024
+# Rows of S1 per chunk in the cycle kernels: a block is _ROW_CHUNK × N per image.
+_ROW_CHUNK = 1024
 
 
 def l2n(x, axis=-1, eps=1e-12):
@@ -97,10 +102,18 @@ def _sim(a, b, tau):
   return jnp.einsum('...nd,...md->...nm', a, b, precision=_HIGHEST) / tau
 
 
-def _info_nce(pos, neg):
-  """−log softmax([pos, neg])[0] (eq. 1): pos [...], neg [..., K] -> [...]."""
-  logits = jnp.concatenate([pos[..., None], neg], axis=-1)
-  return jax.nn.logsumexp(logits, axis=-1) - pos
+def _info_nce(pos, queue_lse, *more_lse):
+  """−log softmax([pos, negatives])[0] (eq. 1) from the positive logit and the logsumexp of
+  each group of negative logits: [...] each -> [...]. Equal to the concatenated form."""
+  lse = pos
+  for neg in (queue_lse,) + more_lse:
+    lse = jnp.logaddexp(lse, neg)
+  return lse - pos
+
+
+def _queue_nce_lse(x, queue, tau):
+  """logsumexp_k x_i·Q_k/τ, streamed (loss_kernels.queue_logsumexp): x [..., D] -> [...]."""
+  return loss_kernels.queue_logsumexp(x / tau, queue, _QUEUE_CHUNK)
 
 
 def _fold_queue(queue, init, fn):
@@ -160,8 +173,7 @@ def global_loss(u, u_pos, queue, temperature):
   # Target side: the EMA network gets no gradient from any loss.
   k = global_key(jax.lax.stop_gradient(u_pos))  # [B, D]
   pos = jnp.sum(q * k, axis=-1) / tau  # [B]
-  neg = _sim(q, queue, tau)  # [B, K]
-  return jnp.mean(_info_nce(pos, neg))
+  return jnp.mean(_info_nce(pos, _queue_nce_lse(q, queue, tau)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,12 +242,12 @@ def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives
   p_pos_hat = l2n(jax.lax.stop_gradient(p_pos))
   p_match = jnp.take_along_axis(p_pos_hat, m[..., None], axis=1)  # p̂+_{m(i)} [B, N, D]
   pos = jnp.sum(p_hat * p_match, axis=-1) / tau  # [B, N]
-  neg = _sim(p_hat, queue, tau)  # [B, N, K]
+  neg = (_queue_nce_lse(p_hat, queue, tau),)  # [B, N]: the B×N×K logits are never stored
   if negatives == 'queue+frame':
     frame = _sim(p_hat, p_hat, tau)  # [B, N, N]; the diagonal (i itself) is no negative
     frame = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, frame)
-    neg = jnp.concatenate([neg, frame], axis=-1)
-  return jnp.mean(_info_nce(pos, neg))
+    neg += (jax.nn.logsumexp(frame, axis=-1),)
+  return jnp.mean(_info_nce(pos, *neg))
 
 
 # ----------------------------------------------------------------------------------------
@@ -243,20 +255,13 @@ def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives
 # ----------------------------------------------------------------------------------------
 
 
-def _queue_lse(c_pos_hat, queue, tau):
-  """logsumexp_k ĉ+_j·Q_k / τ for each target pixel j: [N, D], [K, D] -> [N] (−inf if K=0).
+def _queue_columns_lse(c_pos_hat, queue, tau):
+  """q_j = logsumexp_k ĉ+_j·Q_k / τ for each target pixel j: [..., N, D] -> [..., N].
 
-  The queue columns of S2. Neither ĉ+ nor Q carries gradient, so this is a constant of
-  the loss: computed forward-only, chunk by chunk, and nothing of size N×K is kept.
+  The queue columns of S2 enter the cycle only through P2's row normaliser; neither ĉ+ nor
+  Q carries gradient, so this is a constant of the loss, streamed like the negatives.
   """
-  c_pos_hat = jax.lax.stop_gradient(c_pos_hat)
-
-  def step(acc, rows, valid):
-    logits = jnp.where(valid[None, :], _sim(c_pos_hat, rows, tau), -jnp.inf)
-    return jnp.logaddexp(acc, jax.nn.logsumexp(logits, axis=-1))
-
-  init = jnp.full(c_pos_hat.shape[:1], -jnp.inf, jnp.float32)
-  return jax.lax.stop_gradient(_fold_queue(queue, init, step))
+  return jax.lax.stop_gradient(_queue_nce_lse(jax.lax.stop_gradient(c_pos_hat), queue, tau))
 
 
 def _cycle_terms(c_hat, c_pos_hat, queue, tau):
@@ -265,7 +270,8 @@ def _cycle_terms(c_hat, c_pos_hat, queue, tau):
   With S1 = ĉ ĉ+ᵀ/τ and S2 = ĉ+ [ĉ ; Q_C]ᵀ/τ, the first N columns of S2 are S1ᵀ, so
     log P1_ij = S1_ij − logsumexp_j' S1_ij'
     log P2_ji = S1_ij − r_j,   r_j = logsumexp(S1_:j ∪ S2[j, N:])  (row j of S2, all N+K).
-  Gradient flows through ĉ in both (S1's rows and S2's columns) because both are S1.
+  Materialises N×N matrices: used by the `cycle_back_accuracy` metric only (the loss runs
+  the row-chunked kernels of `loss_kernels.py`, which compute the same quantities).
 
   Args: c_hat [N, D] unit online map; c_pos_hat [N, D] unit target map; queue [K, D].
   Returns: log_p1 [N, N] (log P1), log_p2_t [N, N] with log_p2_t[i, j] = log P2_ji,
@@ -273,44 +279,9 @@ def _cycle_terms(c_hat, c_pos_hat, queue, tau):
   """
   s1 = _sim(c_hat, c_pos_hat, tau)  # [N, N]
   log_p1 = s1 - jax.nn.logsumexp(s1, axis=1, keepdims=True)
-  r = jnp.logaddexp(jax.nn.logsumexp(s1, axis=0), _queue_lse(c_pos_hat, queue, tau))
+  r = jnp.logaddexp(jax.nn.logsumexp(s1, axis=0), _queue_columns_lse(c_pos_hat, queue, tau))
   log_p2_t = s1 - r[None, :]
   return log_p1, log_p2_t, r
-
-
-def _hard_cycle(c_hat, c_pos_hat, queue, tau):
-  """−log M_ii per pixel (eq. 6), M never formed: [N, D] x2 -> [N].
-
-  log M_ii = logsumexp_j (log P1_ij + log P2_ji)   (SPEC §3).
-  """
-  log_p1, log_p2_t, _ = _cycle_terms(c_hat, c_pos_hat, queue, tau)
-  return -jax.nn.logsumexp(log_p1 + log_p2_t, axis=1)
-
-
-def _log_m_first_n(log_p1, log_p2_t):
-  """log M[:, :N] = log(P1 @ P2[:, :N]) with no N×N×N intermediate: -> [N, N].
-
-  One N×N matmul of exponentials shifted by the per-row max a_i of log P1 and the
-  per-column max b_j of log P2, so every factor is ≤ 1 and the largest term of each sum
-  is ≥ exp(−4/τ) (S values lie in [−1/τ, 1/τ]): no underflow in float32 for τ ≳ 0.05.
-  The floor at float32 `tiny` only guards smaller τ. log M is invariant to the shifts,
-  so they carry no gradient.
-  """
-  a = jax.lax.stop_gradient(jnp.max(log_p1, axis=1))  # [N] over k, per row i
-  b = jax.lax.stop_gradient(jnp.max(log_p2_t, axis=1))  # [N] over k, per column j of P2
-  e1 = jnp.exp(log_p1 - a[:, None])  # [i, k]
-  e2 = jnp.exp(log_p2_t - b[:, None])  # [j, k] = P2_kj · exp(−b_j)
-  prod = jnp.einsum('ik,jk->ij', e1, e2, precision=_HIGHEST)
-  return a[:, None] + b[None, :] + jnp.log(jnp.maximum(prod, _TINY))
-
-
-def _soft_cycle(c_hat, c_pos_hat, target, queue, tau):
-  """Σ_j T_ij (log T_ij − log M_ij) over j < N per pixel (soft cycle): -> [N]."""
-  log_p1, log_p2_t, _ = _cycle_terms(c_hat, c_pos_hat, queue, tau)
-  log_m = _log_m_first_n(log_p1, log_p2_t)
-  # T log T with 0 log 0 = 0; T is a constant, so this only offsets the value to a KL.
-  t_log_t = jnp.where(target > 0, target * jnp.log(jnp.where(target > 0, target, 1.0)), 0.0)
-  return jnp.sum(t_log_t - target * log_m, axis=1)
 
 
 def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = None):
@@ -321,8 +292,9 @@ def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = 
     hard (soft_target None): L_C = mean_{b,i} −log M_ii, with
       log M_ii = logsumexp_j (log P1_ij + log P2_ji);
     soft: L_C = mean_{b,i} Σ_{j<N} T_ij (log T_ij − log M_ij), T = `soft_target`.
-  Memory per image is O(N²) + O(N·_QUEUE_CHUNK) (see the module docstring); nothing of
-  size N×N×N or (N×N)·(N+K) is formed.
+  Memory per image is O(N·_ROW_CHUNK + N·_QUEUE_CHUNK) for the hard cycle, plus two N×N
+  matrices for the soft one (see the module docstring); nothing of size N×N×N or
+  (N×N)·(N+K) is formed.
 
   Args:
     c: [B, N, D] online cycle-head map on v.
@@ -340,8 +312,12 @@ def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = 
   c_hat = l2n(c)
   # Target side: the EMA network gets no gradient from any loss.
   c_pos_hat = l2n(jax.lax.stop_gradient(c_pos))
+  q = _queue_columns_lse(c_pos_hat, queue, tau)  # [B, N], a constant
+  # τ folded into the online side: S1 = (ĉ/τ) ĉ+ᵀ.
+  a = c_hat / tau
   if soft_target is None:
-    per_pixel = jax.vmap(lambda x, y: _hard_cycle(x, y, queue, tau))(c_hat, c_pos_hat)
+    per_pixel = jax.vmap(lambda x, y, z: loss_kernels.hard_cycle(x, y, z, _ROW_CHUNK))(
+        a, c_pos_hat, q)
   else:
     b, n, _ = c.shape
     soft_target = jnp.asarray(soft_target)
@@ -349,8 +325,8 @@ def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = 
       raise ValueError(f'cycle_loss: expected soft_target as a [{b}, {n}, {n}] array, '
                        f'got shape {soft_target.shape}')
     target = jax.lax.stop_gradient(soft_target.astype(jnp.float32))
-    per_pixel = jax.vmap(lambda x, y, t: _soft_cycle(x, y, t, queue, tau))(
-        c_hat, c_pos_hat, target)
+    per_pixel = jax.vmap(lambda x, y, z, t: loss_kernels.soft_cycle(x, y, z, t, _ROW_CHUNK))(
+        a, c_pos_hat, q, target)
   return jnp.mean(per_pixel)
 
 

@@ -15,6 +15,7 @@ on any number of devices: sharding only decides where the work runs.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -26,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cacl_jax import ema, losses, pixel_shuffle, queue
 from cacl_jax.data import augment
-from cacl_jax.models.resnet import PADDINGS
+from cacl_jax.models.resnet import DTYPES, PADDINGS
 from cacl_jax.parallel import DATA
 
 HEADS = ("global", "pixel", "cycle")
@@ -79,7 +80,8 @@ def check_config(config) -> None:
              "loss.global_pool": GLOBAL_POOLS,
              "loss.affinity": AFFINITIES,
              "model.shuffle_rolls": pixel_shuffle.ROLLS,
-             "model.padding": PADDINGS}
+             "model.padding": PADDINGS,
+             "model.dtype": DTYPES}
   for dotted, allowed in choices.items():
     section, key = dotted.split(".")
     if config[section][key] not in allowed:
@@ -203,32 +205,40 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   """batch: {'v', 'v_pos'}: uint8 [B, S, S, 3] (host-cropped pairs). Pure; jit it."""
   key = jax.random.wrap_key_data(state.rng)
   key, k_aug, k_aug_pos, k_roll, k_roll_pos, k_perm, k_enq = jax.random.split(key, 7)
-  v = augment.photometric(k_aug, batch["v"])
-  v_pos = augment.photometric(k_aug_pos, batch["v_pos"])
+  # Named scopes label every HLO op with its phase (benchmarks/profile_step.py reads them).
+  with jax.named_scope("augment"):
+    v = augment.photometric(k_aug, batch["v"])
+    v_pos = augment.photometric(k_aug_pos, batch["v_pos"])
   b, hgt, wid = v.shape[:3]
   rolls, rolls_pos = pair_rolls(k_roll, k_roll_pos, b, hgt, wid, config)
 
   # Target on v+: no gradient ever reaches θt (stop_gradient here and inside the losses).
   perm = jax.random.permutation(k_perm, b) if config.model.get("bn_mode", "group") == "group" else None
-  out_pos, target_stats = forward(model, state.target_params, state.target_batch_stats,
-                                  v_pos, rolls_pos, perm)
-  out_pos = jax.lax.stop_gradient(out_pos)
+  with jax.named_scope("target"):
+    out_pos, target_stats = forward(model, state.target_params, state.target_batch_stats,
+                                    v_pos, rolls_pos, perm)
+    out_pos = jax.lax.stop_gradient(out_pos)
 
   def loss_fn(params):
-    out, stats = forward(model, params, state.batch_stats, v, rolls, None)
-    total, terms = cacl_losses(out, out_pos, state.queues, config)
+    with jax.named_scope("online"):
+      out, stats = forward(model, params, state.batch_stats, v, rolls, None)
+    with jax.named_scope("losses"):
+      total, terms = cacl_losses(out, out_pos, state.queues, config)
     return total, (terms, stats, out)
 
   (total, (terms, stats, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  m = ema.momentum_at(state.step, config.total_steps, config.model.ema_momentum,
-                      config.model.get("ema_cosine", False))
-  target_params = ema.update(state.target_params, params, m)
+  with jax.named_scope("optimizer"):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+  with jax.named_scope("ema"):
+    m = ema.momentum_at(state.step, config.total_steps, config.model.ema_momentum,
+                        config.model.get("ema_cosine", False))
+    target_params = ema.update(state.target_params, params, m)
 
-  queues, ptrs = dict(state.queues), dict(state.queue_ptrs)
-  for head, keys in new_keys(k_enq, out_pos, config).items():
-    queues[head], ptrs[head] = queue.enqueue(queues[head], ptrs[head], keys)
+  with jax.named_scope("queues"):
+    queues, ptrs = dict(state.queues), dict(state.queue_ptrs)
+    for head, keys in new_keys(k_enq, out_pos, config).items():
+      queues[head], ptrs[head] = queue.enqueue(queues[head], ptrs[head], keys)
 
   # Only what costs nothing is measured here; the diagnostics that need extra matmuls
   # (cycle-back rate, matches, cosines) run on logging steps in `diagnostics.py`.
@@ -265,9 +275,43 @@ def create_state(model, tx, config, mesh: Mesh, seed: int) -> tuple[TrainState, 
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
+# XLA:CPU's default library fusions minus YNNPACK's convolutions (which then go to Eigen).
+_EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                       "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_accepts(option: str, value: str) -> bool:
+  """Whether this jaxlib knows `option=value` (the flag is experimental and may change)."""
+  try:
+    jax.jit(lambda x: x + 1).lower(jnp.zeros((2,), jnp.float32)).compile(
+        compiler_options={option: value})
+    return True
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def compiler_options(config, mesh: Mesh) -> dict[str, str] | None:
+  """XLA options for the train step: on a CPU, full-width backbones get Eigen's convolutions.
+
+  XLA:CPU hands every convolution to YNNPACK, whose kernels lose to Eigen's on the wide,
+  dilated stages (28×28×512, dilation 4: forward, input and weight gradient 998 / 1041 / 1568 ms
+  against 606 / 646 / 664) and win on the narrow ones. Measured on the whole step (2-core
+  CPU, loaded, README "Results"): R18 224 px −22 %, R18 112 px −10 %, R50 112 px −38 %, R18 ÷4
+  112 px −4 %, but the ÷4 demo at 64 px +7 %: so only full-width backbones take it. The
+  numbers are unchanged (both are float32 convolutions). GPUs and TPUs ignore it.
+  """
+  platform = mesh.devices.flat[0].platform
+  if platform != "cpu" or config.model.get("width_divisor", 1) != 1:
+    return None
+  (option, value), = _EIGEN_CONVOLUTIONS.items()
+  return dict(_EIGEN_CONVOLUTIONS) if _compiler_accepts(option, value) else None
+
+
 def jit_train_step(model, tx, schedule, config, mesh: Mesh, shardings: TrainState) -> Callable:
   """jit(train_step) over the mesh: batch split on 'data', state donated, metrics replicated."""
   batch_sharding = NamedSharding(mesh, P(DATA))
   step = lambda s, b: train_step(s, b, model=model, tx=tx, schedule=schedule, config=config)
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0,
+                 compiler_options=compiler_options(config, mesh))

@@ -44,6 +44,9 @@ Decisions (the paper is silent):
     nothing in the loss.
   * LARS lr 1.0 at batch 512 with cosine decay, no warm-up, m = 0.999, K = 16384, τ = 0.07,
     image 224, shuffle-BN over groups of 32: the paper's settings (cacl_jax.defaults).
+  * Mixed precision (the paper does not say): `model.dtype = 'auto'`
+    runs the convolutions and heads in bfloat16 on GPUs and TPUs (parameters, BN statistics and
+    all losses stay float32) and in float32 on a CPU. `--config.model.dtype=float32` for float32.
 """
 from cacl_jax import defaults
 
@@ -106,6 +109,7 @@ def kinetics_config(backbone: str):
   """The paper's Kinetics-400 pretraining setting for `backbone`, CACL with all three heads."""
   c = defaults.pretrain_config()
   c.model.backbone = backbone
+  c.model.dtype = "auto"    # bfloat16 activations on GPU / TPU, float32 on a CPU
   c.data.name = "kinetics"
   c.data.pair_type = "cross_frame"
   c.data.frame_stride = 8   # "we randomly choose one pair of frames with stride 8"

@@ -17,6 +17,8 @@ Decisions (what differs from the CACL defaults, and why):
     200 · 1,281,167 // 512 = 500,455 steps (`num_epochs` and `batch_size` drive `total_steps`).
   * Kept from the defaults (SPEC §5): LARS, lr 1.0 at batch 512 with cosine decay, m = 0.999,
     shuffle-BN over groups of 32, image 224. MoCo-v2 itself used SGD lr 0.03 at batch 256.
+  * Mixed precision: `model.dtype = 'auto'` (bfloat16 activations on GPU / TPU, float32 on a
+    CPU; parameters, BN statistics and the loss stay float32), as configs/cacl_r18_kinetics.py.
   * Known difference: SPEC §1 shares one crop box between the two views of a pair, so on
     images the views differ only in photometry (MoCo-v2 draws two independent crops).
 """
@@ -32,6 +34,7 @@ def get_config(variant=None):
                      "no variants (use configs/mocov2_r50_imagenet.py)")
   c = defaults.pretrain_config()
   c.model.backbone = "resnet50"
+  c.model.dtype = "auto"    # bfloat16 activations on GPU / TPU, float32 on a CPU
   c.model.pixel_shuffle = False
 
   c.data.name = "imagenet"

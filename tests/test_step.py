@@ -11,7 +11,7 @@ import pytest
 from cacl_jax import defaults, ema, optim, parallel, pixel_shuffle, queue
 from cacl_jax import step as step_lib
 from cacl_jax.models.cacl import model_from_config
-from cacl_jax.models.resnet import GroupBatchNorm
+from cacl_jax.models.resnet import GroupBatchNorm, compute_dtype
 
 SIZE, BATCH = 32, 16
 
@@ -112,6 +112,25 @@ def test_sharded_enqueue_matches_unsharded():
   want[48:64] = np.asarray(keys)
   np.testing.assert_array_equal(np.asarray(q2), want)
   assert int(ptr) == 0 and q2.sharding.spec == spec
+
+
+# ---------------------------------------------------------------- backbone
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_max_pool_matches_reduce_window_values_and_gradient(padding):
+  # ReLU outputs: many exact ties (zeros), where the gradient must go to the first maximum.
+  from cacl_jax.models import resnet
+  import flax.linen as nn
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 15, 14, 3)))
+  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+  if padding == "circular":
+    ref = lambda t: nn.max_pool(jnp.pad(t, pad, mode="wrap"), (3, 3), strides=(2, 2), padding="VALID")
+  else:
+    ref = lambda t: nn.max_pool(t, (3, 3), strides=(2, 2), padding=pad[1:3])
+  ours = lambda t: resnet._max_pool(t, padding)
+  g = jax.random.normal(jax.random.key(1), ref(x).shape)
+  np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(ref(x)))
+  np.testing.assert_array_equal(np.asarray(jax.vjp(ours, x)[1](g)[0]), np.asarray(jax.vjp(ref, x)[1](g)[0]))
 
 
 # ---------------------------------------------------------------- BN groups / shuffle-BN
@@ -265,3 +284,33 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses():
     assert metrics[k].dtype == jnp.float32 and np.isfinite(float(metrics[k]))
     # bf16 activations move the losses a little, not a lot.
     np.testing.assert_allclose(float(metrics[k]), ref[k], rtol=0.1, atol=0.05)
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
+  assert compute_dtype("auto", "gpu") == jnp.bfloat16 and compute_dtype("auto", "tpu") == jnp.bfloat16
+  assert compute_dtype("auto", "cpu") == jnp.float32 and compute_dtype("auto") == jnp.float32  # here
+  assert compute_dtype("bfloat16", "cpu") == jnp.bfloat16
+  with pytest.raises(ValueError, match="model.dtype"):
+    compute_dtype("float16")
+  c = tiny_config()
+  c.model.dtype = "half"
+  with pytest.raises(ValueError, match="model.dtype must be one of"):
+    step_lib.check_config(c)
+
+
+def test_cpu_compiler_options_go_to_full_width_backbones_and_keep_the_numbers():
+  c = tiny_config()
+  mesh = parallel.make_mesh(1)
+  assert step_lib.compiler_options(c, mesh) is None          # the narrow variants keep XLA's default
+  c.model.width_divisor = 1
+  options = step_lib.compiler_options(c, mesh)
+  assert options == step_lib._EIGEN_CONVOLUTIONS
+  # The same float32 convolution, another library: equal up to rounding.
+  x = jax.random.normal(jax.random.key(0), (2, 12, 12, 32))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  default = conv.lower(x, w).compile()
+  eigen = conv.lower(x, w).compile(compiler_options=options)
+  assert default.as_text() != eigen.as_text()
+  np.testing.assert_allclose(np.asarray(eigen(x, w)), np.asarray(default(x, w)), rtol=1e-4, atol=1e-4)

@@ -86,11 +86,24 @@ def _conv(features, kernel, stride=1, dilation=1, dtype=jnp.float32, name=None, 
 
 
 def _max_pool(x, padding):
-  """3×3 / stride-2 max-pool; zero padding is -inf padding (torchvision), circular wraps."""
-  if padding == "circular":
-    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  """3×3 / stride-2 max-pool; zero padding is -inf padding (torchvision), circular wraps.
+
+  Written as a running max over the window's nine strided slices, in window order, keeping
+  the earlier value on ties: the same values and the same gradient (all of it to the first
+  maximal element) as `reduce_window` max, whose gradient XLA:CPU builds from four index
+  iotas, a variadic reduce-window and a scatter — 6-13x slower than these fused elementwise
+  passes on the stem's [B, H/2, W/2, 64] map (benchmarks/profile_step.py).
+  """
+  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+  x = jnp.pad(x, pad, mode="wrap") if padding == "circular" else jnp.pad(x, pad, constant_values=-jnp.inf)
+  b, hp, wp, c = x.shape
+  h, w = (hp - 3) // 2 + 1, (wp - 3) // 2 + 1
+  out = None
+  for i in range(3):
+    for j in range(3):
+      s = jax.lax.slice(x, (0, i, j, 0), (b, i + 2 * h - 1, j + 2 * w - 1, c), (1, 2, 2, 1))
+      out = s if out is None else jnp.where(s > out, s, out)
+  return out
 
 
 class _Block(nn.Module):
@@ -198,6 +211,21 @@ class ResNet(nn.Module):
     return x
 
 
+DTYPES = ("float32", "bfloat16", "auto")
+
+
+def compute_dtype(name: str, platform: str | None = None) -> jnp.dtype:
+  """`model.dtype` → the activations' dtype. 'auto' is bfloat16 on GPU and TPU (their matrix
+  units' native type; parameters, BN statistics and losses stay float32) and float32 on a CPU,
+  where XLA has no bfloat16 arithmetic of its own and a bfloat16 step is slower than float32
+  (README, "Results")."""
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {DTYPES}, got {name!r}")
+  if name == "auto":
+    name = "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
+  return jnp.dtype(name)
+
+
 def backbone_from_config(model_config) -> ResNet:
   """`model.backbone` ('resnet18' | 'resnet50'), `model.width_divisor`, `model.dtype`, BN mode."""
   name = model_config.backbone
@@ -205,5 +233,5 @@ def backbone_from_config(model_config) -> ResNet:
     raise ValueError(f"model.backbone must be 'resnet18' or 'resnet50', got {name!r}")
   group = None if model_config.get("bn_mode", "group") == "sync" else model_config.get("bn_group_size", None)
   return ResNet(depth=int(name[len("resnet"):]), width_divisor=model_config.get("width_divisor", 1),
-                bn_group_size=group, dtype=jnp.dtype(model_config.get("dtype", "float32")),
+                bn_group_size=group, dtype=compute_dtype(model_config.get("dtype", "float32")),
                 padding=model_config.get("padding", "zeros"))

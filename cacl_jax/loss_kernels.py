@@ -1,0 +1,361 @@
+"""Memory-bounded kernels under the CACL losses (`losses.py`): nothing of size N×K is stored.
+
+Three functions, each with a hand-written VJP that keeps only O(N·D) residuals and rebuilds
+what it needs block by block (flash-attention style):
+
+  queue_logsumexp(x, queue)   logsumexp_k x_i·Q_k over a queue streamed in row chunks (the
+                              negatives of eqs. 3 and 4). The gradient of a logsumexp is the
+                              softmax-weighted mean of the keys, x̄_i = Σ_k softmax_ik Q_k; the
+                              forward rule accumulates it in the same pass as the logsumexp
+                              (online rescaling), so training costs the two N×K×D matmuls that
+                              plain autodiff costs, and memory holds one N×chunk block, not
+                              the N×K logits.
+  hard_cycle(a, b, q)         −log M_ii of eqs. 5-6 for one image, over row chunks of S1.
+  soft_cycle(a, b, q, t)      Σ_j T_ij (log T_ij − log M_ij), j < N, for one image.
+
+Notation of the cycle (one image; τ already folded into a):
+  a = ĉ/τ [N, D] (online, differentiated), b = ĉ+ [N, D] (target, constant),
+  S = a bᵀ [N, N] (= S1, and S2's first N columns transposed),
+  A_i = logsumexp_k S_ik (log normaliser of P1's row i),
+  C_k = logsumexp_i S_ik, r_k = logaddexp(C_k, q_k) (log normaliser of P2's row k, where
+  q_k = logsumexp of ĉ+_k against the queue: a constant, from `queue_logsumexp`),
+  log P1_ik = S_ik − A_i, log P2_kj = S_jk − r_k (j < N),
+  log M_ij = logsumexp_k (log P1_ik + log P2_kj).
+The cycle kernels are written for one image and batched with `jax.vmap` (see `losses.py`).
+Rows are processed in chunks of `row_chunk`; the column reductions (C, and in the backward
+pass Σ_i over rows) are carried across chunks, so the peak is a few row_chunk × N blocks
+(plus, for the soft cycle, two N×N matrices: P2's first N columns and their gradient).
+Every matmul is float32 at `Precision.HIGHEST` (see `losses.py`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+_UNROLL = False   # see `loops_unrolled`
+
+
+@contextlib.contextmanager
+def loops_unrolled():
+  """Traces the chunk loops unrolled, for counting flops only (benchmarks/mfu.py).
+
+  XLA's cost analysis counts a loop body once, whatever its trip count. Unrolled, the count is
+  exact, but XLA then keeps every chunk's block alive at once (12x the memory of the pixel
+  loss at the paper's size), so training never runs this way. Trace a fresh function inside.
+  """
+  global _UNROLL
+  _UNROLL = True
+  try:
+    yield
+  finally:
+    _UNROLL = False
+
+
+def _dot(a, b):
+  """a [..., D] · b [M, D] → [..., M] in full float32."""
+  return jnp.einsum('...d,md->...m', a, b, precision=_HIGHEST)
+
+
+def _chunked(x, size):
+  """Rows of x [R, ...] → ([n, size, ...] zero-padded, valid [n, size] or None, n), size ≤ R.
+
+  `valid` is None when no row is padding (then nothing needs masking)."""
+  rows = x.shape[0]
+  size = max(1, min(size, rows))
+  n = -(-rows // size)
+  size = -(-rows // n)   # the same number of chunks, as little padding as possible
+  valid = None
+  if n * size != rows:
+    x = jnp.pad(x, [(0, n * size - rows)] + [(0, 0)] * (x.ndim - 1))
+    valid = (jnp.arange(n * size) < rows).reshape(n, size)
+  return x.reshape((n, size) + x.shape[1:]), valid, n
+
+
+def _lse_parts(logits):
+  """(max m, exp(logits − m), logsumexp) along the last axis, one exp pass. Every row has a
+  finite entry here (a chunk always holds at least one real row), so m is finite."""
+  m = jnp.max(logits, axis=-1)
+  e = jnp.exp(logits - m[..., None])
+  return m, e, m + jnp.log(jnp.sum(e, axis=-1))
+
+
+def _scan(body, carry, xs, n):
+  """lax.scan, or one plain call when there is one chunk (no loop in the HLO)."""
+  if n == 1:
+    carry, out = body(carry, jax.tree.map(lambda t: t[0], xs))
+    return carry, jax.tree.map(lambda t: t[None], out)
+  return jax.lax.scan(body, carry, xs, unroll=True if _UNROLL else 1)
+
+
+def _unchunk(y, rows):
+  """[n, size, ...] → [rows, ...] (drops the padding)."""
+  return y.reshape((-1,) + y.shape[2:])[:rows]
+
+
+# ----------------------------------------------------------------------------------------
+# Streaming logsumexp over a queue (eqs. 3, 4).
+# ----------------------------------------------------------------------------------------
+
+
+def _stream(x, queue, chunk, with_mean):
+  """(logsumexp_k x·Q_k [...], softmax-weighted mean of Q [..., D] or None)."""
+  rows, valid, n = _chunked(queue, chunk)
+  lead = x.shape[:-1]
+
+  def body(carry, block):
+    lse, mean = carry
+    keys, ok = block
+    logits = _dot(x, keys)                                # [..., chunk]
+    if ok is not None:
+      logits = jnp.where(ok, logits, -jnp.inf)
+    m, e, block_lse = _lse_parts(logits)
+    new = jnp.logaddexp(lse, block_lse)
+    if with_mean:
+      # This block's softmax-weighted mean, merged with the running one by their weights
+      # (the exponent of (block_lse − new) absorbs this block's exp(m) normaliser).
+      block_sum = jnp.einsum('...c,cd->...d', e, keys, precision=_HIGHEST)
+      mean = mean * jnp.exp(lse - new)[..., None] + block_sum * jnp.exp(m - new)[..., None]
+    return (new, mean), None
+
+  init = (jnp.full(lead, -jnp.inf, jnp.float32),
+          jnp.zeros(x.shape, jnp.float32) if with_mean else None)
+  (lse, mean), _ = _scan(body, init, (rows, valid), n)
+  return lse, mean
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _queue_lse(x, queue, chunk):
+  return _stream(x, queue, chunk, with_mean=False)[0]
+
+
+def _queue_lse_fwd(x, queue, chunk):
+  lse, mean = _stream(x, queue, chunk, with_mean=True)
+  return lse, (mean, queue)
+
+
+def _queue_lse_bwd(chunk, residuals, g):
+  del chunk
+  mean, queue = residuals
+  # d/dx_i logsumexp_k x_i·Q_k = Σ_k softmax_ik Q_k. The queue is a buffer: no gradient.
+  return g[..., None] * mean, jnp.zeros_like(queue)
+
+
+_queue_lse.defvjp(_queue_lse_fwd, _queue_lse_bwd)
+
+
+def queue_logsumexp(x, queue, chunk):
+  """logsumexp_k x_i·Q_k: x [..., D], queue [K, D] → [...] float32 (−inf where K = 0).
+
+  Streams the queue in chunks of `chunk` rows; differentiable in x only (the queue gets a
+  zero cotangent). The last chunk is zero-padded and masked.
+  """
+  x = x.astype(jnp.float32)
+  if queue.shape[0] == 0:
+    return jnp.full(x.shape[:-1], -jnp.inf, jnp.float32)
+  return _queue_lse(x, queue.astype(jnp.float32), int(chunk))
+
+
+# ----------------------------------------------------------------------------------------
+# The cycle, one image (eqs. 5-6).
+# ----------------------------------------------------------------------------------------
+
+
+def _normalisers(a, b, row_chunk):
+  """One pass over row chunks of S: A [N] (row logsumexp) and C [N] (column logsumexp)."""
+  n_rows = a.shape[0]
+  rows, valid, n = _chunked(a, row_chunk)
+
+  def body(col, block):
+    a_blk, ok = block
+    s = _dot(a_blk, b)                                               # [R, N]
+    s_real = s if ok is None else jnp.where(ok[:, None], s, -jnp.inf)   # padded rows: no column
+    col = jnp.logaddexp(col, jax.nn.logsumexp(s_real, axis=0))
+    return col, jax.nn.logsumexp(s, axis=1)
+
+  col, row = _scan(body, jnp.full(b.shape[:1], -jnp.inf, jnp.float32), (rows, valid), n)
+  return _unchunk(row, n_rows), col
+
+
+def _hard_rows(a, b, r, row_chunk):
+  """L_i = logsumexp_j (2 S_ij − r_j) for every row i: [N]."""
+  rows, valid, n = _chunked(a, row_chunk)
+  _, out = _scan(lambda c, blk: (c, jax.nn.logsumexp(2.0 * _dot(blk[0], b) - r, axis=1)),
+                 None, (rows, valid), n)
+  return _unchunk(out, a.shape[0])
+
+
+def _hard_forward(a, b, q, row_chunk):
+  big_a, col = _normalisers(a, b, row_chunk)
+  r = jnp.logaddexp(col, q)
+  # log M_ii = logsumexp_j (log P1_ij + log P2_ji) = logsumexp_j (2 S_ij − r_j) − A_i.
+  big_l = _hard_rows(a, b, r, row_chunk)
+  return big_a - big_l, (big_a, r, big_l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _hard(a, b, q, row_chunk):
+  return _hard_forward(a, b, q, row_chunk)[0]
+
+
+def _hard_fwd(a, b, q, row_chunk):
+  loss, (big_a, r, big_l) = _hard_forward(a, b, q, row_chunk)
+  return loss, (a, b, q, big_a, r, big_l)
+
+
+def _hard_bwd(row_chunk, residuals, g):
+  """Gradient in a only. With W_ij = exp(2 S_ij − r_j − L_i) (rows sum to 1) and
+  ω_j = Σ_i g_i W_ij, the loss Σ_i g_i (A_i − L_i) has
+    ∂/∂S_ij = g_i P1_ij − 2 g_i W_ij + ω_j exp(S_ij − r_j),
+  the last term through r_j = logaddexp(C_j, q_j), C_j = logsumexp_i S_ij. Two passes over
+  row chunks: ω first, then ∂S and ∂a = ∂S b."""
+  a, b, q, big_a, r, big_l = residuals
+  n_rows = a.shape[0]
+  rows, valid, n = _chunked(a, row_chunk)
+  g_rows, _, _ = _chunked(g, row_chunk)          # zero on padded rows: they contribute nothing
+  l_rows, _, _ = _chunked(big_l, row_chunk)
+  a_rows, _, _ = _chunked(big_a, row_chunk)
+
+  def omega_body(omega, blk):
+    a_blk, g_blk, l_blk = blk
+    w = jnp.exp(2.0 * _dot(a_blk, b) - r - l_blk[:, None])
+    return omega + jnp.einsum('i,ij->j', g_blk, w, precision=_HIGHEST), None
+
+  omega, _ = _scan(omega_body, jnp.zeros(b.shape[:1], jnp.float32), (rows, g_rows, l_rows), n)
+
+  def grad_body(c, blk):
+    a_blk, g_blk, l_blk, big_a_blk = blk
+    s = _dot(a_blk, b)
+    ds = (g_blk[:, None] * (jnp.exp(s - big_a_blk[:, None]) - 2.0 * jnp.exp(2.0 * s - r - l_blk[:, None]))
+          + omega * jnp.exp(s - r))
+    return c, jnp.einsum('ij,jd->id', ds, b, precision=_HIGHEST)
+
+  _, da = _scan(grad_body, None, (rows, g_rows, l_rows, a_rows), n)
+  del valid
+  return _unchunk(da, n_rows), jnp.zeros_like(b), jnp.zeros_like(q)
+
+
+_hard.defvjp(_hard_fwd, _hard_bwd)
+
+
+def hard_cycle(a, b, q, row_chunk):
+  """−log M_ii for one image: a = ĉ/τ [N, D], b = ĉ+ [N, D], q [N] → [N] (module docstring).
+
+  Differentiable in a only; b and q are constants (target network, queue)."""
+  return _hard(a.astype(jnp.float32), b.astype(jnp.float32), q.astype(jnp.float32), int(row_chunk))
+
+
+def _p2_first_n(a, b, r, row_chunk):
+  """Ṽ_jk = exp(S_jk − r_k − β_j) = P2_kj·exp(−β_j), β_j = max_k (S_jk − r_k): [N, N], [N].
+
+  The first N columns of P2, transposed and shifted by their column max so that the
+  product P1 P2 never underflows to 0 for τ ≳ 0.05 (each factor's largest term is 1)."""
+  rows, _, n = _chunked(a, row_chunk)
+
+  def body(c, a_blk):
+    l2 = _dot(a_blk, b) - r
+    beta = jnp.max(l2, axis=1)
+    return c, (jnp.exp(l2 - beta[:, None]), beta)
+
+  _, (v, beta) = _scan(body, None, rows, n)
+  return _unchunk(v, a.shape[0]), _unchunk(beta, a.shape[0])
+
+
+def _soft_block(a_blk, b, big_a_blk, v, beta):
+  """For a row chunk: P̃ = exp(S − max_k S) [R, N], M̃ = P̃ Ṽᵀ [R, N], log M [R, N]."""
+  s = _dot(a_blk, b)
+  smax = jnp.max(s, axis=1, keepdims=True)
+  p1_shift = jnp.exp(s - smax)
+  m_shift = jnp.einsum('ik,jk->ij', p1_shift, v, precision=_HIGHEST)
+  # log M_ij = (max_k S_ik − A_i) + β_j + log M̃_ij; the floor only guards τ < 0.05.
+  log_m = smax - big_a_blk[:, None] + beta + jnp.log(jnp.maximum(m_shift, _TINY))
+  return s, p1_shift, m_shift, log_m
+
+
+def _soft_forward(a, b, q, t, row_chunk):
+  big_a, col = _normalisers(a, b, row_chunk)
+  r = jnp.logaddexp(col, q)
+  v, beta = _p2_first_n(a, b, r, row_chunk)
+  rows, _, n = _chunked(a, row_chunk)
+  t_rows, _, _ = _chunked(t, row_chunk)
+  a_rows, _, _ = _chunked(big_a, row_chunk)
+
+  def body(c, blk):
+    a_blk, t_blk, big_a_blk = blk
+    log_m = _soft_block(a_blk, b, big_a_blk, v, beta)[3]
+    # T log T with 0 log 0 = 0; T is a constant, so this only offsets the value to a KL.
+    t_log_t = jnp.where(t_blk > 0, t_blk * jnp.log(jnp.where(t_blk > 0, t_blk, 1.0)), 0.0)
+    return c, jnp.sum(t_log_t - t_blk * log_m, axis=1)
+
+  _, out = _scan(body, None, (rows, t_rows, a_rows), n)
+  return _unchunk(out, a.shape[0]), (big_a, col, r, v, beta)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _soft(a, b, q, t, row_chunk):
+  return _soft_forward(a, b, q, t, row_chunk)[0]
+
+
+def _soft_fwd(a, b, q, t, row_chunk):
+  loss, (big_a, col, r, v, beta) = _soft_forward(a, b, q, t, row_chunk)
+  return loss, (a, b, q, t, big_a, col, r, v, beta)
+
+
+def _soft_bwd(row_chunk, residuals, g):
+  """Gradient in a only, for Σ_i g_i Σ_j T_ij (log T_ij − log M_ij).
+
+  With ∂M̃ = −g_i T_ij / M̃_ij (0 where the floor is active):
+    log P1 side:  e = P̃ ⊙ (∂M̃ Ṽ),      ∂S += e − P1 · rowsum(e)       (softmax over k)
+    log P2 side:  f = Ṽ ⊙ (∂M̃ᵀ P̃),     ∂S += f,  ∂r = −colsum(f)
+    r's column logsumexp:  ∂C = ∂r·exp(C − r),  ∂S += ∂C · exp(S − C)
+  then ∂a = ∂S b. Three passes: row chunks for the P1 side (accumulating ∂Ṽ = ∂M̃ᵀ P̃,
+  an N×N matrix), row chunks of f, row chunks for C."""
+  a, b, q, t, big_a, col, r, v, beta = residuals
+  n_rows = a.shape[0]
+  rows, _, n = _chunked(a, row_chunk)
+  g_rows, _, _ = _chunked(g, row_chunk)
+  t_rows, _, _ = _chunked(t, row_chunk)
+  a_rows, _, _ = _chunked(big_a, row_chunk)
+
+  def p1_body(dv, blk):
+    a_blk, g_blk, t_blk, big_a_blk = blk
+    s, p1_shift, m_shift, _ = _soft_block(a_blk, b, big_a_blk, v, beta)
+    dm = jnp.where(m_shift > _TINY, -g_blk[:, None] * t_blk / jnp.maximum(m_shift, _TINY), 0.0)
+    e = p1_shift * jnp.einsum('ij,jk->ik', dm, v, precision=_HIGHEST)
+    ds = e - jnp.exp(s - big_a_blk[:, None]) * jnp.sum(e, axis=1, keepdims=True)
+    dv = dv + jnp.einsum('ij,ik->jk', dm, p1_shift, precision=_HIGHEST)
+    return dv, jnp.einsum('ik,kd->id', ds, b, precision=_HIGHEST)
+
+  dv, da1 = _scan(p1_body, jnp.zeros_like(v), (rows, g_rows, t_rows, a_rows), n)
+
+  v_rows, _, _ = _chunked(v, row_chunk)
+  dv_rows, _, _ = _chunked(dv, row_chunk)
+
+  def p2_body(dr, blk):
+    v_blk, dv_blk = blk
+    f = v_blk * dv_blk                    # padded rows are zero in both
+    return dr - jnp.sum(f, axis=0), jnp.einsum('jk,kd->jd', f, b, precision=_HIGHEST)
+
+  dr, da2 = _scan(p2_body, jnp.zeros_like(r), (v_rows, dv_rows), n)
+  dcol = dr * jnp.exp(col - r)
+
+  def col_body(c, a_blk):
+    return c, jnp.einsum('ik,kd->id', dcol * jnp.exp(_dot(a_blk, b) - col), b, precision=_HIGHEST)
+
+  _, da3 = _scan(col_body, None, rows, n)
+  da = _unchunk(da1, n_rows) + _unchunk(da2, n_rows) + _unchunk(da3, n_rows)
+  return da, jnp.zeros_like(b), jnp.zeros_like(q), jnp.zeros_like(t)
+
+
+_soft.defvjp(_soft_fwd, _soft_bwd)
+
+
+def soft_cycle(a, b, q, t, row_chunk):
+  """Σ_{j<N} T_ij (log T_ij − log M_ij) for one image: a = ĉ/τ, b = ĉ+ [N, D], q [N],
+  t [N, N] → [N]. Differentiable in a only (b, q and the target T are constants)."""
+  f32 = lambda x: x.astype(jnp.float32)
+  return _soft(f32(a), f32(b), f32(q), f32(t), int(row_chunk))
