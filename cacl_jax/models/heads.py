@@ -11,6 +11,25 @@ import jax
 import jax.numpy as jnp
 
 
+class PixelDense(nn.Module):
+  """A 1×1 convolution computed as a matmul over the channel axis: [..., C] → [..., features].
+
+  Same parameters as `nn.Conv(features, (1, 1))` (kernel [1, 1, C, features], lecun-normal;
+  bias zeros), so checkpoints and the torch layout are unchanged; as a dot it needs none of the
+  layout transposes XLA:CPU puts around a convolution (3 % of the R18 step at 224 px).
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jnp.einsum("...c,cf->...f", x, kernel[0, 0]) + bias
+
+
 class Head(nn.Module):
   """h: [B, h, w, C] → [B, h, w, D]."""
   embed_dim: int = 128
@@ -18,7 +37,6 @@ class Head(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
-    c = h.shape[-1]
-    x = nn.Conv(c, (1, 1), use_bias=True, dtype=self.dtype, name="fc1")(h)
+    x = PixelDense(h.shape[-1], dtype=self.dtype, name="fc1")(h)
     x = nn.relu(x)
-    return nn.Conv(self.embed_dim, (1, 1), use_bias=True, dtype=self.dtype, name="fc2")(x)
+    return PixelDense(self.embed_dim, dtype=self.dtype, name="fc2")(x)
