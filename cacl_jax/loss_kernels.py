@@ -24,7 +24,7 @@ Notation of the cycle (one image; τ already folded into a):
 The cycle kernels are written for one image and batched with `jax.vmap` (see `losses.py`).
 Rows are processed in chunks of `row_chunk`; the column reductions (C, and in the backward
 pass Σ_i over rows) are carried across chunks, so the peak is a few row_chunk × N blocks
-(plus, for the soft cycle, two N×N matrices: P2's first N columns and their gradient).
+(plus, for the soft cycle, one N×N matrix: P2's first N columns).
 Every matmul is float32 at `Precision.HIGHEST` (see `losses.py`).
 """
 from __future__ import annotations
@@ -249,49 +249,91 @@ def hard_cycle(a, b, q, row_chunk):
   return _hard(a.astype(jnp.float32), b.astype(jnp.float32), q.astype(jnp.float32), int(row_chunk))
 
 
+def _plan(rows, size):
+  """(n, size): the row chunks of `_chunked`, without building them."""
+  size = max(1, min(size, rows))
+  n = -(-rows // size)
+  return n, -(-rows // n)
+
+
+def _pad_rows(x, rows):
+  """x [R, ...] zero-padded to `rows` rows; no copy when R already is."""
+  if x.shape[0] == rows:
+    return x
+  return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _block(x, i, size, axis=0):
+  """Chunk i of x along `axis`, sliced in place. The soft cycle indexes its N×N arrays this
+  way instead of scanning over a [n, size, N] stack: under `jax.vmap` a stack puts the batch
+  after the chunk axis, and XLA copies the whole array to transpose it."""
+  return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
+
+
 def _p2_first_n(a, b, r, row_chunk):
-  """Ṽ_jk = exp(S_jk − r_k − β_j) = P2_kj·exp(−β_j), β_j = max_k (S_jk − r_k): [N, N], [N].
+  """Ṽ_jk = exp(S_jk − r_k − β_j) = P2_kj·exp(−β_j), β_j = max_k (S_jk − r_k).
 
-  The first N columns of P2, transposed and shifted by their column max so that the
-  product P1 P2 never underflows to 0 for τ ≳ 0.05 (each factor's largest term is 1)."""
-  rows, _, n = _chunked(a, row_chunk)
+  Returns Ṽ [n·size, N] (rows past N are zero) and β [N]. The first N columns of P2,
+  transposed and shifted by their column max so that the product P1 P2 never underflows to
+  0 for τ ≳ 0.05 (each factor's largest term is 1). Written chunk by chunk into one buffer."""
+  rows = a.shape[0]
+  n, size = _plan(rows, row_chunk)
+  a_p = _pad_rows(a, n * size)
 
-  def body(c, a_blk):
-    l2 = _dot(a_blk, b) - r
+  def block(i):
+    l2 = _dot(_block(a_p, i, size), b) - r
     beta = jnp.max(l2, axis=1)
-    return c, (jnp.exp(l2 - beta[:, None]), beta)
+    v_blk = jnp.exp(l2 - beta[:, None])
+    if n * size != rows:   # zero the padded rows
+      v_blk = jnp.where(((i * size + jnp.arange(size)) < rows)[:, None], v_blk, 0.0)
+    return v_blk, beta
 
-  _, (v, beta) = _scan(body, None, rows, n)
-  return _unchunk(v, a.shape[0]), _unchunk(beta, a.shape[0])
+  if n == 1:
+    return block(0)
+
+  def body(v, i):
+    v_blk, beta = block(i)
+    return jax.lax.dynamic_update_slice_in_dim(v, v_blk, i * size, axis=0), beta
+
+  v, beta = _scan(body, jnp.zeros((n * size, rows), jnp.float32), jnp.arange(n), n)
+  return v, _unchunk(beta, rows)
 
 
 def _soft_block(a_blk, b, big_a_blk, v, beta):
   """For a row chunk: P̃ = exp(S − max_k S) [R, N], M̃ = P̃ Ṽᵀ [R, N], log M [R, N]."""
   s = _dot(a_blk, b)
+  n = s.shape[1]
   smax = jnp.max(s, axis=1, keepdims=True)
   p1_shift = jnp.exp(s - smax)
-  m_shift = jnp.einsum('ik,jk->ij', p1_shift, v, precision=_HIGHEST)
+  m_shift = jnp.einsum('ik,jk->ij', p1_shift, v, precision=_HIGHEST)[:, :n]
   # log M_ij = (max_k S_ik − A_i) + β_j + log M̃_ij; the floor only guards τ < 0.05.
   log_m = smax - big_a_blk[:, None] + beta + jnp.log(jnp.maximum(m_shift, _TINY))
   return s, p1_shift, m_shift, log_m
+
+
+def _soft_rows(a, g, t, big_a, row_chunk):
+  """(n, size, chunk i → (a, g, t, A) rows of chunk i): the per-row inputs, padded once.
+  Padded rows have g = 0 and T = 0, so they add nothing to the loss or its gradient."""
+  rows = a.shape[0]
+  n, size = _plan(rows, row_chunk)
+  padded = [_pad_rows(x, n * size) for x in (a, g, t, big_a)]
+  return n, size, lambda i: [_block(x, i, size) for x in padded]
 
 
 def _soft_forward(a, b, q, t, row_chunk):
   big_a, col = _normalisers(a, b, row_chunk)
   r = jnp.logaddexp(col, q)
   v, beta = _p2_first_n(a, b, r, row_chunk)
-  rows, _, n = _chunked(a, row_chunk)
-  t_rows, _, _ = _chunked(t, row_chunk)
-  a_rows, _, _ = _chunked(big_a, row_chunk)
+  n, _, chunk = _soft_rows(a, jnp.zeros_like(big_a), t, big_a, row_chunk)
 
-  def body(c, blk):
-    a_blk, t_blk, big_a_blk = blk
+  def body(c, i):
+    a_blk, _, t_blk, big_a_blk = chunk(i)
     log_m = _soft_block(a_blk, b, big_a_blk, v, beta)[3]
     # T log T with 0 log 0 = 0; T is a constant, so this only offsets the value to a KL.
     t_log_t = jnp.where(t_blk > 0, t_blk * jnp.log(jnp.where(t_blk > 0, t_blk, 1.0)), 0.0)
     return c, jnp.sum(t_log_t - t_blk * log_m, axis=1)
 
-  _, out = _scan(body, None, (rows, t_rows, a_rows), n)
+  _, out = _scan(body, None, jnp.arange(n), n)
   return _unchunk(out, a.shape[0]), (big_a, col, r, v, beta)
 
 
@@ -312,42 +354,39 @@ def _soft_bwd(row_chunk, residuals, g):
     log P1 side:  e = P̃ ⊙ (∂M̃ Ṽ),      ∂S += e − P1 · rowsum(e)       (softmax over k)
     log P2 side:  f = Ṽ ⊙ (∂M̃ᵀ P̃),     ∂S += f,  ∂r = −colsum(f)
     r's column logsumexp:  ∂C = ∂r·exp(C − r),  ∂S += ∂C · exp(S − C)
-  then ∂a = ∂S b. Three passes: row chunks for the P1 side (accumulating ∂Ṽ = ∂M̃ᵀ P̃,
-  an N×N matrix), row chunks of f, row chunks for C."""
+  then ∂a = ∂S b. f is linear in ∂M̃, so each row chunk i of ∂M̃ adds its share of f, block
+  by block over chunks j of Ṽ's rows: nothing N×N but Ṽ itself is held (no ∂Ṽ). Two passes:
+  row chunks for both sides (an inner loop over j for f), then row chunks for C."""
   a, b, q, t, big_a, col, r, v, beta = residuals
-  n_rows = a.shape[0]
-  rows, _, n = _chunked(a, row_chunk)
-  g_rows, _, _ = _chunked(g, row_chunk)
-  t_rows, _, _ = _chunked(t, row_chunk)
-  a_rows, _, _ = _chunked(big_a, row_chunk)
+  rows = a.shape[0]
+  n, size, chunk = _soft_rows(a, g, t, big_a, row_chunk)
 
-  def p1_body(dv, blk):
-    a_blk, g_blk, t_blk, big_a_blk = blk
+  def row_body(carry, i):
+    dr, da2 = carry
+    a_blk, g_blk, t_blk, big_a_blk = chunk(i)
     s, p1_shift, m_shift, _ = _soft_block(a_blk, b, big_a_blk, v, beta)
     dm = jnp.where(m_shift > _TINY, -g_blk[:, None] * t_blk / jnp.maximum(m_shift, _TINY), 0.0)
+    dm = _pad_rows(dm.T, n * size).T                                   # [R, n·size]
     e = p1_shift * jnp.einsum('ij,jk->ik', dm, v, precision=_HIGHEST)
     ds = e - jnp.exp(s - big_a_blk[:, None]) * jnp.sum(e, axis=1, keepdims=True)
-    dv = dv + jnp.einsum('ij,ik->jk', dm, p1_shift, precision=_HIGHEST)
-    return dv, jnp.einsum('ik,kd->id', ds, b, precision=_HIGHEST)
 
-  dv, da1 = _scan(p1_body, jnp.zeros_like(v), (rows, g_rows, t_rows, a_rows), n)
+    def f_body(dr, j):   # this row chunk's share of the P2 side, for Ṽ's rows in chunk j
+      dm_j = _block(dm, j, size, axis=1)                               # [R, size]
+      f = _block(v, j, size) * jnp.einsum('ij,ik->jk', dm_j, p1_shift, precision=_HIGHEST)
+      return dr - jnp.sum(f, axis=0), jnp.einsum('jk,kd->jd', f, b, precision=_HIGHEST)
 
-  v_rows, _, _ = _chunked(v, row_chunk)
-  dv_rows, _, _ = _chunked(dv, row_chunk)
+    dr, da2_blk = _scan(f_body, dr, jnp.arange(n), n)
+    return (dr, da2 + _unchunk(da2_blk, rows)), jnp.einsum('ik,kd->id', ds, b, precision=_HIGHEST)
 
-  def p2_body(dr, blk):
-    v_blk, dv_blk = blk
-    f = v_blk * dv_blk                    # padded rows are zero in both
-    return dr - jnp.sum(f, axis=0), jnp.einsum('jk,kd->jd', f, b, precision=_HIGHEST)
-
-  dr, da2 = _scan(p2_body, jnp.zeros_like(r), (v_rows, dv_rows), n)
+  (dr, da2), da1 = _scan(row_body, (jnp.zeros_like(r), jnp.zeros_like(a)), jnp.arange(n), n)
   dcol = dr * jnp.exp(col - r)
+  rows_a, _, _ = _chunked(a, row_chunk)
 
   def col_body(c, a_blk):
     return c, jnp.einsum('ik,kd->id', dcol * jnp.exp(_dot(a_blk, b) - col), b, precision=_HIGHEST)
 
-  _, da3 = _scan(col_body, None, rows, n)
-  da = _unchunk(da1, n_rows) + _unchunk(da2, n_rows) + _unchunk(da3, n_rows)
+  _, da3 = _scan(col_body, None, rows_a, n)
+  da = _unchunk(da1, rows) + da2 + _unchunk(da3, rows)
   return da, jnp.zeros_like(b), jnp.zeros_like(q), jnp.zeros_like(t)
 
 

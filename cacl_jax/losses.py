@@ -25,10 +25,10 @@ kept independent of K and small in N (`loss_kernels.py` holds the kernels):
     `_ROW_CHUNK` (S2's first N columns are S1ᵀ; the queue enters through P2's row normaliser,
     a constant streamed like the negatives above);
   * the soft cycle adds M's first N columns, one N×N matmul of P1 and P2 per row chunk, and
-    holds two N×N matrices (P2's first N columns and their gradient); never N×N×N.
+    holds one N×N matrix (P2's first N columns); never N×N×N.
 At the paper's per-device size (32 images, N = 28·28, K = 16384) value + gradient of the pixel
 loss need well under a quarter of one 32×784×16384 float32 logits block (1.6 GiB), and the hard
-cycle at N = 4096, K = 16384 under half of one N×(N+K) float32 matrix
+and the soft cycle at N = 4096, K = 16384 under half of one N×(N+K) float32 matrix
 (`benchmarks/cycle_loss_memory.py` measures all of this; tests/test_losses.py holds the bounds).
 
 Matmuls use `Precision.HIGHEST`: on TPU the default f32 matmul is a single bfloat16 pass,
@@ -292,8 +292,8 @@ def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = 
     hard (soft_target None): L_C = mean_{b,i} −log M_ii, with
       log M_ii = logsumexp_j (log P1_ij + log P2_ji);
     soft: L_C = mean_{b,i} Σ_{j<N} T_ij (log T_ij − log M_ij), T = `soft_target`.
-  Memory per image is O(N·_ROW_CHUNK + N·_QUEUE_CHUNK) for the hard cycle, plus two N×N
-  matrices for the soft one (see the module docstring); nothing of size N×N×N or
+  Memory per image is O(N·_ROW_CHUNK + N·_QUEUE_CHUNK) for the hard cycle, plus one N×N
+  matrix for the soft one (see the module docstring); nothing of size N×N×N or
   (N×N)·(N+K) is formed.
 
   Args:
