@@ -61,14 +61,20 @@ def _dot(a, b):
   return jnp.einsum('...d,md->...m', a, b, precision=_HIGHEST)
 
 
+def _plan(rows, size):
+  """(n chunks, rows per chunk) for `rows` rows in chunks of at most `size`: the same number of
+  chunks as `size` gives, with as little padding as possible."""
+  size = max(1, min(size, rows))
+  n = -(-rows // size)
+  return n, -(-rows // n)
+
+
 def _chunked(x, size):
   """Rows of x [R, ...] → ([n, size, ...] zero-padded, valid [n, size] or None, n), size ≤ R.
 
   `valid` is None when no row is padding (then nothing needs masking)."""
   rows = x.shape[0]
-  size = max(1, min(size, rows))
-  n = -(-rows // size)
-  size = -(-rows // n)   # the same number of chunks, as little padding as possible
+  n, size = _plan(rows, size)
   valid = None
   if n * size != rows:
     x = jnp.pad(x, [(0, n * size - rows)] + [(0, 0)] * (x.ndim - 1))
@@ -247,13 +253,6 @@ def hard_cycle(a, b, q, row_chunk):
 
   Differentiable in a only; b and q are constants (target network, queue)."""
   return _hard(a.astype(jnp.float32), b.astype(jnp.float32), q.astype(jnp.float32), int(row_chunk))
-
-
-def _plan(rows, size):
-  """(n, size): the row chunks of `_chunked`, without building them."""
-  size = max(1, min(size, rows))
-  n = -(-rows // size)
-  return n, -(-rows // n)
 
 
 def _pad_rows(x, rows):
