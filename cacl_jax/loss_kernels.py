@@ -69,6 +69,13 @@ def _plan(rows, size):
   return n, -(-rows // n)
 
 
+def _pad_rows(x, rows):
+  """x [R, ...] zero-padded to `rows` rows; no copy when R already is."""
+  if x.shape[0] == rows:
+    return x
+  return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
 def _chunked(x, size):
   """Rows of x [R, ...] → ([n, size, ...] zero-padded, valid [n, size] or None, n), size ≤ R.
 
@@ -77,7 +84,7 @@ def _chunked(x, size):
   n, size = _plan(rows, size)
   valid = None
   if n * size != rows:
-    x = jnp.pad(x, [(0, n * size - rows)] + [(0, 0)] * (x.ndim - 1))
+    x = _pad_rows(x, n * size)
     valid = (jnp.arange(n * size) < rows).reshape(n, size)
   return x.reshape((n, size) + x.shape[1:]), valid, n
 
@@ -255,13 +262,6 @@ def hard_cycle(a, b, q, row_chunk):
   return _hard(a.astype(jnp.float32), b.astype(jnp.float32), q.astype(jnp.float32), int(row_chunk))
 
 
-def _pad_rows(x, rows):
-  """x [R, ...] zero-padded to `rows` rows; no copy when R already is."""
-  if x.shape[0] == rows:
-    return x
-  return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-
-
 def _block(x, i, size, axis=0):
   """Chunk i of x along `axis`, sliced in place. The soft cycle indexes its N×N arrays this
   way instead of scanning over a [n, size, N] stack: under `jax.vmap` a stack puts the batch
@@ -310,12 +310,11 @@ def _soft_block(a_blk, b, big_a_blk, v, beta):
   return s, p1_shift, m_shift, log_m
 
 
-def _soft_rows(a, g, t, big_a, row_chunk):
-  """(n, size, chunk i → (a, g, t, A) rows of chunk i): the per-row inputs, padded once.
-  Padded rows have g = 0 and T = 0, so they add nothing to the loss or its gradient."""
-  rows = a.shape[0]
-  n, size = _plan(rows, row_chunk)
-  padded = [_pad_rows(x, n * size) for x in (a, g, t, big_a)]
+def _row_blocks(row_chunk, *xs):
+  """(n, size, i → the rows of chunk i of each x): per-row inputs [N, ...], padded once and
+  sliced in place. Padded rows of g and T are 0, so they add nothing to the loss or gradient."""
+  n, size = _plan(xs[0].shape[0], row_chunk)
+  padded = [_pad_rows(x, n * size) for x in xs]
   return n, size, lambda i: [_block(x, i, size) for x in padded]
 
 
@@ -323,10 +322,10 @@ def _soft_forward(a, b, q, t, row_chunk):
   big_a, col = _normalisers(a, b, row_chunk)
   r = jnp.logaddexp(col, q)
   v, beta = _p2_first_n(a, b, r, row_chunk)
-  n, _, chunk = _soft_rows(a, jnp.zeros_like(big_a), t, big_a, row_chunk)
+  n, _, chunk = _row_blocks(row_chunk, a, t, big_a)
 
   def body(c, i):
-    a_blk, _, t_blk, big_a_blk = chunk(i)
+    a_blk, t_blk, big_a_blk = chunk(i)
     log_m = _soft_block(a_blk, b, big_a_blk, v, beta)[3]
     # T log T with 0 log 0 = 0; T is a constant, so this only offsets the value to a KL.
     t_log_t = jnp.where(t_blk > 0, t_blk * jnp.log(jnp.where(t_blk > 0, t_blk, 1.0)), 0.0)
@@ -358,7 +357,7 @@ def _soft_bwd(row_chunk, residuals, g):
   row chunks for both sides (an inner loop over j for f), then row chunks for C."""
   a, b, q, t, big_a, col, r, v, beta = residuals
   rows = a.shape[0]
-  n, size, chunk = _soft_rows(a, g, t, big_a, row_chunk)
+  n, size, chunk = _row_blocks(row_chunk, a, g, t, big_a)
 
   def row_body(carry, i):
     dr, da2 = carry

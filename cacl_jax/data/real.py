@@ -41,8 +41,9 @@ def _open(root: str, dataset: str, split: str):
   name = NAMES[dataset]
   command = f"python -m cacl_jax.prepare_data {dataset} --src RAW_DIR --out {root}"
   base = os.path.join(root, name)
-  # Only finished versions: TFDS builds in `incomplete.XXXXXX_1.0.0` and renames it at the end;
-  # a build killed after writing its dataset_info.json leaves one behind, never to be read.
+  # Version-named directories (`1.0.0`) only: TFDS writes a build into a temporary sibling
+  # directory and renames it when done, so a build killed after writing dataset_info.json leaves
+  # that temporary directory behind; it is never read (prepare_data removes it on the rerun).
   versions = sorted((v for v in (os.listdir(base) if os.path.isdir(base) else ())
                      if re.fullmatch(r"\d+\.\d+\.\d+", v)
                      and os.path.exists(os.path.join(base, v, "dataset_info.json"))),
