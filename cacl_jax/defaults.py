@@ -50,6 +50,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.ema_momentum = 0.999
   c.model.ema_cosine = False      # cosine ramp of m to 1 (BYOL)
   c.model.init_from = ""          # optional: a pretraining workdir whose online backbone starts θo
+  c.model.ppm_transform = False   # PixPro's g (a 1×1 linear layer on p) for loss.pixel_loss='pixpro'
 
   c.loss = ml_collections.ConfigDict()
   c.loss.weights = ml_collections.ConfigDict({"global": 1.0, "pixel": 1.0, "cycle": 1.0})
@@ -62,6 +63,14 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.loss.soft_target = "self"     # T: 'self' û ûᵀ | 'cross' û û+ᵀ | 'cycle' (losses.soft_cycle_target)
   c.loss.soft_target_identity = 0.5  # λ: target λ·I + (1−λ)·T (knowledge distillation's mix)
   c.loss.cycle_negatives = False  # Q_C in the cycle path (SPEC §3: True; it collapses c, see README)
+  # The seeds' alternatives (not the paper; docs/CONFIGS.md): the pixel head's loss, eq. 4's
+  # 'contrast' or PixPro's 'pixpro' (pixpro.py: T in cell diagonals, γ); debiased negatives
+  # (τ⁺ > 0) in L_G and L_P; MoCHi's mixed hard negatives (N̄, s, s') per head (negatives.py).
+  c.loss.pixel_loss = "contrast"
+  c.loss.pixpro = ml_collections.ConfigDict({"threshold": 1.4, "gamma": 2.0})
+  c.loss.debiased_tau_plus = 0.0
+  c.loss.mochi_global = (0, 0, 0)
+  c.loss.mochi_pixel = (0, 0, 0)
 
   c.queue = ml_collections.ConfigDict()
   c.queue.size = 16_384           # K

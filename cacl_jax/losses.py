@@ -40,7 +40,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from cacl_jax import loss_kernels
+from cacl_jax import loss_kernels, negatives as negatives_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Queue rows per streamed chunk: bounds the transient logits block to N×1024 per image whatever
@@ -111,6 +111,26 @@ def _info_nce(pos, queue_lse, *more_lse):
   return lse - pos
 
 
+def _alternative_nce(pos, neg_lses, count, tau, tau_plus):
+  """eq. 1 with the negatives' terms debiased (`negatives.debiased_negatives_lse`, τ⁺ > 0):
+  the logsumexps of each group of negatives and their total count N → [...]."""
+  neg = neg_lses[0]
+  for more in neg_lses[1:]:
+    neg = jnp.logaddexp(neg, more)
+  if tau_plus:
+    neg = negatives_lib.debiased_negatives_lse(pos, neg, count, tau_plus, tau)
+  return jnp.logaddexp(pos, neg) - pos
+
+
+def _mixing(fn, mochi, key):
+  """Checks a MoCHi triple (hardest N̄, mixed s, query-mixed s'); None or all zero: off."""
+  if mochi is None or not any(mochi):
+    return None
+  if key is None:
+    raise ValueError(f'{fn}: MoCHi (mochi={tuple(mochi)}) needs a PRNG key')
+  return tuple(int(m) for m in mochi)
+
+
 def _queue_nce_lse(x, queue, tau):
   """logsumexp_k x_i·Q_k/τ, streamed (loss_kernels.queue_logsumexp): x [..., D] -> [...]."""
   return loss_kernels.queue_logsumexp(x / tau, queue, _QUEUE_CHUNK)
@@ -152,7 +172,7 @@ def global_key(u):
   return l2n(jnp.mean(jnp.asarray(u).astype(jnp.float32), axis=1))
 
 
-def global_loss(u, u_pos, queue, temperature):
+def global_loss(u, u_pos, queue, temperature, *, tau_plus=0.0, mochi=None, key=None):
   """Global contrastive loss L_G (eq. 3, SPEC §3).
 
   q = l2n(mean_i u_i), k = l2n(mean_i u+_i),
@@ -163,17 +183,28 @@ def global_loss(u, u_pos, queue, temperature):
     u_pos: [B, N, D] target global-head map on v+ (no gradient).
     queue: [K, D] negatives Q_G; K may be 0.
     temperature: τ > 0.
+    tau_plus: τ⁺ > 0 debiases the negatives (Chuang et al. 2020, `negatives.py`); 0: eq. 3.
+    mochi: (N̄, s, s') adds MoCHi's mixed hard negatives from the queue (Kalantidis et al.
+      2020, `negatives.py`; needs `key`); None or zeros: eq. 3.
   Returns:
     float32 scalar.
   """
   tau = _temperature('global_loss', temperature)
   u, u_pos = _maps('global_loss', 'u', u, u_pos)
   queue = _queue('global_loss', queue, u.shape[-1])
+  mochi = _mixing('global_loss', mochi, key)
   q = global_key(u)  # [B, D]
   # Target side: the EMA network gets no gradient from any loss.
   k = global_key(jax.lax.stop_gradient(u_pos))  # [B, D]
   pos = jnp.sum(q * k, axis=-1) / tau  # [B]
-  return jnp.mean(_info_nce(pos, _queue_nce_lse(q, queue, tau)))
+  neg = [_queue_nce_lse(q, queue, tau)]
+  if not (tau_plus or mochi):
+    return jnp.mean(_info_nce(pos, *neg))
+  count = queue.shape[0]
+  if mochi:
+    neg.append(negatives_lib.mixed_negatives_lse(key, q, queue, tau, *mochi))
+    count += mochi[1] + mochi[2]
+  return jnp.mean(_alternative_nce(pos, neg, count, tau, tau_plus))
 
 
 # ----------------------------------------------------------------------------------------
@@ -196,7 +227,8 @@ def global_match(u, u_pos):
 PIXEL_NEGATIVES = ('queue', 'queue+frame')
 
 
-def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives='queue'):
+def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives='queue', *,
+               tau_plus=0.0, mochi=None, key=None):
   """Pixel contrastive loss L_P (eq. 4, SPEC §3 and §9).
 
   A = û û+ᵀ, m(i) = argmax_j A_ij (ties: lowest j), p̂ = l2n(p), p̂+ = l2n(p+),
@@ -218,10 +250,12 @@ def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives
     match: 'global' (m(i) from the global head, as in CACL) or 'same_position'
       (m(i) = i: Table 1a's "pixel head alone").
     negatives: 'queue' or 'queue+frame' (above).
+    tau_plus, mochi, key: as in `global_loss` (debiased negatives; MoCHi mixing from Q_P).
   Returns:
     float32 scalar.
   """
   tau = _temperature('pixel_loss', temperature)
+  mochi = _mixing('pixel_loss', mochi, key)
   if negatives not in PIXEL_NEGATIVES:
     raise ValueError(f'pixel_loss: expected negatives in {PIXEL_NEGATIVES}, got {negatives!r}')
   p, p_pos = _maps('pixel_loss', 'p', p, p_pos)
@@ -243,11 +277,18 @@ def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives
   p_match = jnp.take_along_axis(p_pos_hat, m[..., None], axis=1)  # p̂+_{m(i)} [B, N, D]
   pos = jnp.sum(p_hat * p_match, axis=-1) / tau  # [B, N]
   neg = (_queue_nce_lse(p_hat, queue, tau),)  # [B, N]: the B×N×K logits are never stored
+  count = queue.shape[0]
   if negatives == 'queue+frame':
     frame = _sim(p_hat, p_hat, tau)  # [B, N, N]; the diagonal (i itself) is no negative
     frame = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, frame)
     neg += (jax.nn.logsumexp(frame, axis=-1),)
-  return jnp.mean(_info_nce(pos, *neg))
+    count += n - 1
+  if not (tau_plus or mochi):
+    return jnp.mean(_info_nce(pos, *neg))
+  if mochi:   # MoCHi's selection forms the B×N×K similarities once (no gradient)
+    neg += (negatives_lib.mixed_negatives_lse(key, p_hat, queue, tau, *mochi),)
+    count += mochi[1] + mochi[2]
+  return jnp.mean(_alternative_nce(pos, neg, count, tau, tau_plus))
 
 
 # ----------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cacl_jax import ema, losses, pixel_shuffle, queue
+from cacl_jax import ema, losses, pixel_shuffle, pixpro, queue
 from cacl_jax.data import augment
+from cacl_jax.models.cacl import with_layout_blocks
 from cacl_jax.models.resnet import DTYPES, PADDINGS
 from cacl_jax.parallel import DATA
 
@@ -38,6 +39,9 @@ GLOBAL_POOLS = ("after_head", "before_head")
 # u (the paper: "we adopt global head's features") or, not the paper, the backbone map h
 # (DenseCL's choice) — a diagnostic reading that locates where the paper's reading fails.
 AFFINITIES = ("global_head", "backbone")
+# The pixel head's loss: eq. 4's contrast, or (not the paper) PixPro's pixel-to-propagation
+# consistency with a positive set around m(i) (`pixpro.py`).
+PIXEL_LOSSES = ("contrast", "pixpro")
 
 
 def affinity_maps(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], config):
@@ -79,16 +83,24 @@ def check_config(config) -> None:
              "loss.soft_target": losses.SOFT_TARGETS,
              "loss.global_pool": GLOBAL_POOLS,
              "loss.affinity": AFFINITIES,
+             "loss.pixel_loss": PIXEL_LOSSES,
              "model.shuffle_rolls": pixel_shuffle.ROLLS,
              "model.padding": PADDINGS,
              "model.dtype": DTYPES}
   for dotted, allowed in choices.items():
     section, key = dotted.split(".")
-    if config[section][key] not in allowed:
+    if config[section].get(key, allowed[0]) not in allowed:
       raise ValueError(f"{dotted} must be one of {', '.join(map(repr, allowed))}, "
                        f"got {config[section][key]!r}")
   if not 0.0 <= config.loss.soft_target_identity <= 1.0:
     raise ValueError(f"loss.soft_target_identity must lie in [0, 1], got {config.loss.soft_target_identity}")
+  if not 0.0 <= config.loss.get("debiased_tau_plus", 0.0) < 1.0:
+    raise ValueError(f"loss.debiased_tau_plus must lie in [0, 1), got {config.loss.debiased_tau_plus}")
+  for head in ("global", "pixel"):
+    mochi = tuple(config.loss.get(f"mochi_{head}", (0, 0, 0)))
+    if any(mochi) and (len(mochi) != 3 or mochi[0] < 1 or mochi[1] + mochi[2] < 1 or min(mochi) < 0):
+      raise ValueError(f"loss.mochi_{head} must be (hardest >= 1, mixed, query_mixed) with "
+                       f"mixed + query_mixed >= 1, or (0, 0, 0), got {mochi}")
   if not any(config.loss.weights[h] for h in HEADS):
     raise ValueError("loss.weights: at least one head needs a non-zero weight")
 
@@ -143,24 +155,32 @@ def global_map(out: dict[str, jax.Array], config) -> jax.Array:
   return _flat(out["u_gap"] if config.loss.global_pool == "before_head" else out["u"])
 
 
-def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues, config
-                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """L = w_G·L_G + w_P·L_P + w_C·L_C (SPEC §3, the §9 readings per config). A head with
-  weight 0 is not computed."""
+def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues, config,
+                key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L = w_G·L_G + w_P·L_P + w_C·L_C (SPEC §3, the §9 readings and the seeds' alternatives
+  per config). A head with weight 0 is not computed. `key` draws MoCHi's mixing (if on)."""
   p, c = (_flat(out[k]) for k in "pc")
   p_pos, c_pos = (jax.lax.stop_gradient(_flat(out_pos[k])) for k in "pc")
   w, tau = config.loss.weights, config.loss.temperature
+  tau_plus = config.loss.get("debiased_tau_plus", 0.0)
+  k_global, k_pixel = jax.random.split(key) if key is not None else (None, None)
   zero = jnp.zeros((), jnp.float32)
   terms = {h: zero for h in HEADS}
   if w["global"]:
     terms["global"] = losses.global_loss(global_map(out, config),
                                          jax.lax.stop_gradient(global_map(out_pos, config)),
-                                         queues["global"], tau["global"])
+                                         queues["global"], tau["global"], tau_plus=tau_plus,
+                                         mochi=config.loss.get("mochi_global"), key=k_global)
   a, a_pos = affinity_maps(out, out_pos, config)
-  if w["pixel"]:
+  if w["pixel"] and config.loss.get("pixel_loss", "contrast") == "pixpro":
+    terms["pixel"] = pixpro.pixpro_loss(p, _flat(out.get("p_value", out["p"])), p_pos, a, a_pos,
+                                        out["p"].shape[1:3], config.loss.pixpro.threshold,
+                                        config.loss.pixpro.gamma)
+  elif w["pixel"]:
     terms["pixel"] = losses.pixel_loss(p, p_pos, a, a_pos, queues["pixel"], tau["pixel"],
                                        match=config.loss.pixel_match,
-                                       negatives=config.loss.pixel_negatives)
+                                       negatives=config.loss.pixel_negatives, tau_plus=tau_plus,
+                                       mochi=config.loss.get("mochi_pixel"), key=k_pixel)
   if w["cycle"]:
     q_c = queues["cycle"] if config.loss.cycle_negatives else queues["cycle"][:0]
     soft = (losses.soft_cycle_target(a, a_pos, tau["cycle"], mode=config.loss.soft_target,
@@ -223,7 +243,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     with jax.named_scope("online"):
       out, stats = forward(model, params, state.batch_stats, v, rolls, None)
     with jax.named_scope("losses"):
-      total, terms = cacl_losses(out, out_pos, state.queues, config)
+      # MoCHi's draws: a key of its own, folded from k_enq so that the other streams (and
+      # every run without MoCHi) stay as they were.
+      total, terms = cacl_losses(out, out_pos, state.queues, config, jax.random.fold_in(k_enq, 1))
     return total, (terms, stats, out)
 
   (total, (terms, stats, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -308,9 +330,18 @@ def compiler_options(config, mesh: Mesh) -> dict[str, str] | None:
   return dict(_EIGEN_CONVOLUTIONS) if _compiler_accepts(option, value) else None
 
 
+def layout_blocks(mesh: Mesh) -> int:
+  """How many `resnet.pad_blocks` blocks the train step's network pads the batch into: one
+  per device on a CPU, where XLA's convolution kernels round a device's last output pixels
+  differently (their remainder path) and so would make the numbers depend on the device
+  count; 0 (no padding) on GPUs and TPUs."""
+  return mesh.devices.size if mesh.devices.flat[0].platform == "cpu" else 0
+
+
 def jit_train_step(model, tx, schedule, config, mesh: Mesh, shardings: TrainState) -> Callable:
   """jit(train_step) over the mesh: batch split on 'data', state donated, metrics replicated."""
   batch_sharding = NamedSharding(mesh, P(DATA))
+  model = with_layout_blocks(model, layout_blocks(mesh))
   step = lambda s, b: train_step(s, b, model=model, tx=tx, schedule=schedule, config=config)
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0,

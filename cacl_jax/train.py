@@ -10,7 +10,8 @@ WORKDIR is a local path or a URL (`paths.py`: file://, gs://). Files in it:
   run.lock            the live run writing here (`runlock.py`)
   metrics.jsonl       one JSON object per logged step (`metrics_log.py`): step, loss, loss_global,
                       loss_pixel, loss_cycle, lr, steps_per_sec, batch_hash (which data the step
-                      saw, `pipeline.batch_hash`), skipped_pairs, and the diagnostics of
+                      saw, `pipeline.batch_hash`), state_hash (which bits the state holds after
+                      it, `fingerprint.py`), skipped_pairs, and the diagnostics of
                       `diagnostics.py` (match_true_acc, match_label_acc, cos_within_*, ...)
   events.out.tfevents.*  TensorBoard scalars (tensorboardX, no TensorFlow)
   figures/affinity_S.png  the paper's Fig. 3 for the current networks
@@ -32,8 +33,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from cacl_jax import (checkpoint, config_diff, diagnostics, metrics_log, optim, parallel, paths,
-                      runlock, step as step_lib, viz)
+from cacl_jax import (checkpoint, config_diff, diagnostics, fingerprint, metrics_log, optim,
+                      parallel, paths, runlock, step as step_lib, viz)
 from cacl_jax.data import augment, pipeline
 from cacl_jax.models.cacl import model_from_config
 
@@ -87,11 +88,12 @@ class Logger:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self.writer = SummaryWriter(os.fspath(workdir))
 
-  def log(self, step: int, metrics: dict[str, float], rate: float, batch_hash: int) -> None:
+  def log(self, step: int, metrics: dict[str, float], rate: float, batch_hash: int,
+          state_hash: int) -> None:
     if not self.active:
       return
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "steps_per_sec": rate}
-    metrics_log.append(self.workdir, {**record, "batch_hash": batch_hash})
+    metrics_log.append(self.workdir, {**record, "batch_hash": batch_hash, "state_hash": state_hash})
     for k, v in record.items():
       if k != "step":
         self.writer.add_scalar(f"train/{k}", v, step)
@@ -322,7 +324,7 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, source) -
           raise TrainingDiverged(f"non-finite metrics at step {step} ({', '.join(bad)}); the run "
                                  f"stops: {last_good(workdir, saved_step)}")
         rate = window_steps / (time.perf_counter() - window_start)
-        logger.log(step, last, rate, global_batch_hash(ids))
+        logger.log(step, last, rate, global_batch_hash(ids), fingerprint.fingerprint(state))
         window_start, window_steps = time.perf_counter(), 0
 
       if probe is not None and step % config.viz_every_steps == 0:

@@ -28,6 +28,16 @@ Variants (default 'cacl'; each changes only the keys listed, the rest is the CAC
                                                                  loss.soft_cycle = False
     no_soft_cycle       + pixel shuffle, hard cycle              loss.soft_cycle = False
     with_cycle_negatives  CACL with Q_C in the cycle (eqs. 5-6 as printed; SPEC §3)
+  The seeds' pixel-level alternatives (seed 001; not the paper, each one change from CACL;
+  docs/CONFIGS.md quotes their papers):
+    pixpro      the pixel head's loss is PixPro's pixel-to-propagation consistency: positives
+                = every cell within 1.4 cell diagonals of m(i), no negatives
+                                                                 loss.pixel_loss = pixpro,
+                                                                 model.ppm_transform = True
+    debiased    debiased negatives in L_G and L_P (Chuang et al. 2020), class prior τ⁺ = 0.1
+                                                                 loss.debiased_tau_plus = 0.1
+    mochi       hard negative mixing (Kalantidis et al. 2020) from Q_G and Q_P
+                                                                 loss.mochi_global, loss.mochi_pixel
   The first build's readings (SPEC §3 before §9; every head collapses, README "What the demo
   shows"):
     spec3_readings      GAP after g_G, queue-only pixel negatives, T = û û+ᵀ, no identity
@@ -57,6 +67,15 @@ NUM_EPOCHS = 200
 _MOCOV2 = {"loss.weights.global": 1.0, "loss.weights.pixel": 0.0, "loss.weights.cycle": 0.0}
 _TWO_HEADS = {"loss.weights.global": 1.0, "loss.weights.pixel": 1.0, "loss.weights.cycle": 0.0}
 _CACL = {}
+# The seeds' alternatives (cacl_jax/pixpro.py, cacl_jax/negatives.py). τ⁺ = 0.1: the value
+# Chuang et al.'s code uses for ImageNet-scale class counts. MoCHi (N̄, s, s'): N̄ hardest of
+# the queue, s negatives mixed from pairs of them, s' from the query and one of them; for L_P,
+# fewer per pixel (its [B·N, s + s', D] synthetic block is per pixel).
+ALTERNATIVES = {
+    "pixpro": {"loss.pixel_loss": "pixpro", "model.ppm_transform": True},
+    "debiased": {"loss.debiased_tau_plus": 0.1},
+    "mochi": {"loss.mochi_global": (1024, 1024, 128), "loss.mochi_pixel": (256, 32, 8)},
+}
 # The readings SPEC §3 first decided; the defaults now read the paper as README "What the demo
 # shows" explains (cacl_jax.defaults).
 SPEC3_READINGS = {"loss.global_pool": "after_head", "loss.pixel_negatives": "queue",
@@ -84,6 +103,8 @@ VARIANTS = {
     "simple": {"model.pixel_shuffle": False, "loss.soft_cycle": False},
     "no_soft_cycle": {"loss.soft_cycle": False},
     "with_cycle_negatives": {"loss.cycle_negatives": True},
+    # The seeds' alternatives
+    **ALTERNATIVES,
     # SPEC §3 as first built
     "spec3_readings": SPEC3_READINGS,
 }

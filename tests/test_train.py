@@ -34,7 +34,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from cacl_jax import checkpoint, parallel
+from cacl_jax import checkpoint, fingerprint, parallel
 from cacl_jax.data import pipeline
 import tiny
 
@@ -224,10 +224,20 @@ def test_main_writes_checkpoints_metrics_events_and_figures(runs):
 # ---------------------------------------------------------------- resume, SIGTERM
 
 def assert_same_log(workdir, reference) -> None:
-  """Each step logged once, with the reference's numbers and batch hashes, bit for bit."""
+  """Each step logged once, with the reference's numbers, batch and state hashes, bit for bit."""
   ours, theirs = (tiny.without_timing(tiny.metrics(w)) for w in (workdir, reference))
   assert [r["step"] for r in ours] == list(range(1, T + 1))
   assert ours == theirs
+
+
+def test_the_same_command_twice_logs_the_same_losses_and_state_hashes(runs):
+  """W's restart started from step 0 (its first part died before any checkpoint): a second run
+  of A's command. Every step's losses, data (batch_hash) and train state (state_hash, all of
+  it: parameters, BN statistics, optimiser, queues) are A's, bit for bit."""
+  keys = HEAD_KEYS + ("batch_hash", "state_hash")
+  ours, theirs = ([{k: r[k] for k in keys} for r in tiny.metrics(w)] for w in (runs["w"], runs["a"]))
+  assert ours == theirs and len(ours) == T
+  assert len({r["state_hash"] for r in ours}) == T   # the state changes every step
 
 
 def test_sigkill_before_the_first_checkpoint_restarts_cleanly(runs):
@@ -322,6 +332,9 @@ def test_checkpoint_of_8_devices_restores_on_1(runs, final_a):
   assert int(final_a.step) == T
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                final_a, eight)
+  # The logged state_hash is the saved state's, whatever the layout it is read on.
+  logged = tiny.metrics(runs["a"])[-1]["state_hash"]
+  assert fingerprint.fingerprint(final_a) == fingerprint.fingerprint(eight) == logged
 
   pretrained = checkpoint.restore_pretrained(runs["a"])
   assert pretrained.step == T

@@ -32,18 +32,61 @@ import jax.numpy as jnp
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming fan_out
 
 
+def pad_blocks(x: jax.Array, blocks: int) -> jax.Array:
+  """[B, ...] → [blocks·(B/blocks + 1), ...]: one zero sample after each of `blocks` equal blocks.
+
+  The train step splits the batch over devices in `blocks` blocks; with this padding every
+  device's last real sample sits in the middle of its convolutions' rows, never at their end,
+  where XLA:CPU's kernels take a remainder path that rounds the last output pixels differently
+  (1 ulp: enough to flip a ReLU). So every real sample is computed the same way whatever the
+  device count (`CACL.layout_blocks`). blocks = 0: no padding.
+  """
+  if not blocks:
+    return x
+  x = x.reshape(blocks, x.shape[0] // blocks, *x.shape[1:])
+  x = jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
+  return x.reshape(-1, *x.shape[2:])
+
+
+def unpad_blocks(x: jax.Array, blocks: int) -> jax.Array:
+  """The inverse of `pad_blocks`: the real samples, in order."""
+  if not blocks:
+    return x
+  x = x.reshape(blocks, x.shape[0] // blocks, *x.shape[1:])[:, :-1]
+  return x.reshape(-1, *x.shape[2:])
+
+
+def ordered_group_sum(x: jax.Array, group: int) -> jax.Array:
+  """Σ over each group of `group` consecutive samples and all positions: [B, ..., C] → [B/group, C].
+
+  The order of the additions is fixed by the expression, not by the layout: per-sample sums
+  (one reduction per sample, which XLA computes the same way for any number of samples per
+  device), then the group's samples added pairwise. A device-count-dependent reduction order
+  changed the statistics by 1 ulp, and that flipped ReLUs downstream.
+  """
+  s = x.reshape(x.shape[0], -1, x.shape[-1]).sum(axis=1).reshape(-1, group, x.shape[-1])
+  while s.shape[1] > 1:
+    if s.shape[1] % 2:
+      s = jnp.pad(s, ((0, 0), (0, 1), (0, 0)))
+    s = s[:, 0::2] + s[:, 1::2]
+  return s[:, 0]
+
+
 class GroupBatchNorm(nn.Module):
   """BatchNorm whose batch statistics are per group of `group_size` consecutive samples.
 
   x: [B, ..., C]. Training: each group g normalises with its own mean / biased variance
   over (samples in g, spatial); the running statistics move towards the average of the
   group statistics (variance unbiased, like PyTorch). Inference: running statistics.
-  Statistics and normalisation are computed in float32; the output has `dtype`.
+  Statistics and normalisation are computed in float32; the output has `dtype`. The
+  statistics are summed in a layout-independent order (`ordered_group_sum`); with
+  `layout_blocks` the batch carries `pad_blocks` padding, which they skip.
   """
   group_size: int | None = None
   momentum: float = 0.9  # = 1 − torch momentum 0.1
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  layout_blocks: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -57,21 +100,28 @@ class GroupBatchNorm(nn.Module):
       y = (x32 - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
       return (y * scale + bias).astype(self.dtype)
 
-    b = x.shape[0]
+    real = unpad_blocks(x32, self.layout_blocks)
+    b = real.shape[0]
     g = self.group_size or b
     if b % g:
       raise ValueError(f"BatchNorm group size {g} does not divide the batch of {b} samples "
                        "(set model.bn_group_size to a divisor of the global batch)")
-    xg = x32.reshape(b // g, g, -1, c)                     # [G, g, HW, C]
-    mean = xg.mean(axis=(1, 2), keepdims=True)              # [G, 1, 1, C]
-    var = jnp.square(xg - mean).mean(axis=(1, 2), keepdims=True)
-    y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    n = g * (real.size // (b * c))                           # values per group and channel
+    mean = ordered_group_sum(real, g) / n                    # [G, C]
+    centred = real.reshape(b // g, g, -1, c) - mean[:, None, None]
+    var = ordered_group_sum(jnp.square(centred).reshape(b, -1, c), g) / n
     if not self.is_initializing():
-      n = g * xg.shape[2]
-      unbiased = var.mean(axis=(0, 1, 2)) * n / max(n - 1, 1)
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean.mean(axis=(0, 1, 2))
+      unbiased = var.mean(axis=0) * n / max(n - 1, 1)
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean.mean(axis=0)
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
-    return (y * scale + bias).astype(self.dtype)
+    # Per-sample statistics in x's layout (padding samples: mean 0, factor 1; dropped later).
+    per_sample = lambda s, fill: jnp.pad(
+        jnp.repeat(s, g, axis=0).reshape(-1, b // max(self.layout_blocks, 1), c),
+        ((0, 0), (0, 1 if self.layout_blocks else 0), (0, 0)), constant_values=fill)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+    mu = per_sample(mean, 0.0).reshape(shape)
+    inv = per_sample(jax.lax.rsqrt(var + self.epsilon), 1.0).reshape(shape)
+    return (((x32 - mu) * inv) * scale + bias).astype(self.dtype)
 
 
 PADDINGS = ("zeros", "circular")
@@ -116,6 +166,7 @@ class _Block(nn.Module):
   bn_group_size: int | None = None
   dtype: Any = jnp.float32
   padding: str = "zeros"
+  layout_blocks: int = 0
 
   def conv(self, features, kernel, stride=1, dilation=1, name=None):
     return _conv(features, kernel, stride, dilation, self.dtype, name, self.padding)
@@ -127,7 +178,8 @@ class BasicBlock(_Block):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    bn = lambda name: GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name=name)
+    bn = lambda name: GroupBatchNorm(self.bn_group_size, dtype=self.dtype, layout_blocks=self.layout_blocks,
+                                         name=name)
     y = self.conv(self.planes, 3, self.stride, self.first_dilation, "conv1")(x)
     y = nn.relu(bn("bn1")(y, train))
     y = self.conv(self.planes, 3, 1, self.dilation, "conv2")(y)
@@ -144,7 +196,8 @@ class Bottleneck(_Block):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    bn = lambda name: GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name=name)
+    bn = lambda name: GroupBatchNorm(self.bn_group_size, dtype=self.dtype, layout_blocks=self.layout_blocks,
+                                         name=name)
     y = self.conv(self.planes, 1, 1, 1, "conv1")(x)
     y = nn.relu(bn("bn1")(y, train))
     y = self.conv(self.planes, 3, self.stride, self.first_dilation, "conv2")(y)
@@ -171,6 +224,7 @@ class ResNet(nn.Module):
   bn_group_size: int | None = None
   dtype: Any = jnp.float32
   padding: str = "zeros"   # 'zeros' | 'circular'
+  layout_blocks: int = 0   # the batch carries `pad_blocks` padding for this many devices (train step)
 
   @property
   def num_features(self) -> int:
@@ -189,7 +243,8 @@ class ResNet(nn.Module):
     if self.padding not in PADDINGS:
       raise ValueError(f"model.padding must be one of {PADDINGS}, got {self.padding!r}")
     x = _conv(w, 7, 2, 1, self.dtype, "conv1", self.padding)(x)
-    x = nn.relu(GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name="bn1")(x, train))
+    x = nn.relu(GroupBatchNorm(self.bn_group_size, dtype=self.dtype,
+                                      layout_blocks=self.layout_blocks, name="bn1")(x, train))
     x = _max_pool(x, self.padding)
     in_ch, dilation = w, 1
     # (stride, dilate) per stage: stages 3 and 4 trade their stride for dilation.
@@ -206,6 +261,7 @@ class ResNet(nn.Module):
                   first_dilation=prev if j == 0 else dilation,
                   project=(j == 0 and (s != 1 or in_ch != out_ch)),
                   bn_group_size=self.bn_group_size, dtype=self.dtype, padding=self.padding,
+                  layout_blocks=self.layout_blocks,
                   name=f"layer{stage}_{j}")(x, train)
         in_ch = out_ch
     return x
