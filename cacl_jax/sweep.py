@@ -16,7 +16,10 @@ goes on. Writes, after every run:
   DIR/sweep.json   every run (variant, seed, miou, macc, random-init miou, last logged metrics)
                    and the summary per variant;
   DIR/sweep.md     mean ± std over seeds per variant, the paper's number beside it where the
-                   config file names one (`PAPER_MIOU = {variant: mIoU}`);
+                   config file names one (`PAPER_MIOU = {variant: mIoU}`); the demo's floor
+                   (random init) and ceiling (supervised) rows, one value per seed, and SPEC
+                   §10's instrument criteria on them (the ceiling is computed by the first
+                   variant's run of each seed only);
   DIR/sweep.png    the same as a bar chart with the seeds as dots.
 """
 from __future__ import annotations
@@ -44,6 +47,9 @@ flags.DEFINE_multi_string("eval_override", [], "KEY=VALUE for the evaluation con
 flags.mark_flags_as_required(["config", "workdir", "variants"])
 
 RANDOM_INIT = "random init"
+SUPERVISED = "supervised (labels)"
+# The instrument's criteria (SPEC §10), checked on the floor and ceiling rows when a sweep has them.
+CEILING_MIN, FLOOR_SHARE, STD_SHARE = 40.0, 0.5, 1 / 8
 
 
 # ---------------------------------------------------------------- one run
@@ -94,6 +100,8 @@ def record(variant: str, seed: int, run: str, chained: bool) -> dict:
     row.update(status="done", miou=res["miou"], macc=res["macc"])
     if "random_init" in res:
       row["random_init_miou"] = res["random_init"]["miou"]
+    if "supervised" in res:
+      row["supervised_miou"] = res["supervised"]["miou"]
     row["final_metrics"] = last_metrics(run)
   return row
 
@@ -135,12 +143,36 @@ def summarise(rows: list[dict], variants: list[str], paper: dict[str, float]) ->
       a, _ = mean_std([r["macc"] for r in done])
       out[v] = {"miou_mean": m, "miou_std": s, "macc_mean": a, "n": len(done),
                 "mious": [r["miou"] for r in done], "paper": paper.get(v)}
-  rand = [r["random_init_miou"] for r in rows if r["status"] == "done" and "random_init_miou" in r]
-  if rand:
-    m, s = mean_std(rand)
-    out[RANDOM_INIT] = {"miou_mean": m, "miou_std": s, "n": len(rand), "mious": rand,
-                        "paper": None}
+  # The floor and the ceiling depend on the seed only (not on the variant): one value per seed.
+  for name, key in ((RANDOM_INIT, "random_init_miou"), (SUPERVISED, "supervised_miou")):
+    per_seed = {}
+    for r in rows:
+      if r["status"] == "done" and key in r:
+        per_seed.setdefault(r["seed"], r[key])
+    if per_seed:
+      m, s = mean_std(list(per_seed.values()))
+      out[name] = {"miou_mean": m, "miou_std": s, "n": len(per_seed),
+                   "mious": list(per_seed.values()), "paper": None}
   return out
+
+
+def instrument_lines(summary: dict, reference: str = "mocov2") -> list[str]:
+  """SPEC §10's criteria on the sweep's own floor, ceiling and `reference` rows."""
+  if RANDOM_INIT not in summary or SUPERVISED not in summary:
+    return []
+  floor, ceiling = summary[RANDOM_INIT], summary[SUPERVISED]
+  span = ceiling["miou_mean"] - floor["miou_mean"]
+  lines = ["", "Instrument (SPEC §10): "
+           f"ceiling {ceiling['miou_mean']:.1f} (≥ {CEILING_MIN:.0f}: "
+           f"{'yes' if ceiling['miou_mean'] >= CEILING_MIN else 'NO'}); "
+           f"floor {floor['miou_mean']:.1f} (≤ ½ ceiling = {FLOOR_SHARE * ceiling['miou_mean']:.1f}: "
+           f"{'yes' if floor['miou_mean'] <= FLOOR_SHARE * ceiling['miou_mean'] else 'NO'}); "
+           f"std allowed ⅛ × (ceiling − floor) = {STD_SHARE * span:.2f}"]
+  for name in (RANDOM_INIT, reference):
+    if name in summary and summary[name]["n"] > 1:
+      ok = summary[name]["miou_std"] <= STD_SHARE * span
+      lines.append(f"- std of {name}: {summary[name]['miou_std']:.2f} ({'yes' if ok else 'NO'})")
+  return lines
 
 
 def markdown(summary: dict, header: str) -> str:
@@ -151,7 +183,7 @@ def markdown(summary: dict, header: str) -> str:
     macc = f"{s['macc_mean']:.1f}" if "macc_mean" in s else "–"
     seeds = ", ".join(f"{x:.1f}" for x in s["mious"])
     lines.append(f"| {name} | {s['miou_mean']:.1f} ± {s['miou_std']:.1f} | {seeds} | {macc} | {paper} |")
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + instrument_lines(summary)) + "\n"
 
 
 def bar_chart(summary: dict, path: str, title: str) -> None:
@@ -229,6 +261,9 @@ def main(argv):
           "eval_config": FLAGS.eval_config, "eval_overrides": FLAGS.eval_override}
   plan = [(v, s) for s in seeds for v in FLAGS.variants]   # seed-major: early rows are comparable
   eval_config = None if chained else FLAGS.eval_config
+  # The demo's supervised row (the ceiling) depends on the seed, not on the variant: the first
+  # variant of each seed computes it, the others skip it (minutes each).
+  ceiling_once = chained and bool(FLAGS.config.eval_after.get("supervised"))
   rows, failed, durations = [], 0, []
   for k, (variant, seed) in enumerate(plan, start=1):
     run = run_dir(workdir, variant, seed)
@@ -238,7 +273,9 @@ def main(argv):
              if durations else "")
       print(f"[{k}/{len(plan)}] {variant} seed {seed} → {run}{eta}", flush=True)
       start = time.time()
-      code, last = execute(commands(config_file, variant, seed, run, overrides, eval_config,
+      skip = (["--config.eval_after.supervised.num_epochs=0"]
+              if ceiling_once and variant != FLAGS.variants[0] else [])
+      code, last = execute(commands(config_file, variant, seed, run, overrides + skip, eval_config,
                                     FLAGS.eval_override), run)
       durations.append(time.time() - start)
       row = record(variant, seed, run, chained)

@@ -80,6 +80,7 @@ def eval_config(pretrained_dir, num_clusters=0):
   c.pretrained, c.protocol = pretrained_dir, "cluster"
   c.eval_batch_size, c.num_figure_images = 8, 2
   c.data.eval_pad_size = (72, 72)
+  c.data.synthetic.frame_size = 64
   c.data.synthetic.num_val_images = NUM_VAL
   c.cluster.num_clusters, c.cluster.num_iters, c.cluster.num_restarts = num_clusters, 10, 2
   return c

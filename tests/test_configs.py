@@ -25,12 +25,13 @@ LAUNCH = os.path.join(ROOT, "launch")
 R18_VARIANTS = ["mocov2", "two_heads", "pixel_only", "global_cycle", "cacl", "same_frame",
                 "cross_frame_s2", "cross_frame_s4", "cross_frame_s8", "global_match_s4",
                 "global_match_s8", "cacl_s4", "cacl_s8", "simple", "no_soft_cycle",
-                "with_cycle_negatives", "spec3_readings"]
+                "with_cycle_negatives", "spec3_readings", "pixpro", "debiased", "mochi"]
 R50_VARIANTS = ["mocov2", "two_heads", "cacl", "simple", "no_soft_cycle"]
 PRETRAIN = {"cacl_r18_kinetics.py": [None] + R18_VARIANTS,
             "cacl_r50_in_kinetics.py": [None] + R50_VARIANTS,
             "mocov2_r50_imagenet.py": [None],
-            "demo.py": [None]}
+            "demo.py": [None, "cacl", "two_heads", "mocov2", "pixel_only", "global_cycle",
+                        "pixpro", "debiased", "mochi"]}
 EVAL = {"linear_eval_cityscapes.py": [None], "linear_eval_voc.py": [None],
         "linear_eval_synthetic.py": [None],
         "finetune_cityscapes.py": [None, "1pct", "5pct", "10pct", "100pct"]}
@@ -64,6 +65,13 @@ EXPECTED = {
     "no_soft_cycle": ((1.0, 1.0, 1.0), "global", True, False, False, "cross_frame", 8),
     "with_cycle_negatives": ((1.0, 1.0, 1.0), "global", True, True, True, "cross_frame", 8),
     "spec3_readings": ((1.0, 1.0, 1.0), "global", True, True, True, "cross_frame", 8),
+    "pixpro": CACL, "debiased": CACL, "mochi": CACL,     # the seeds' alternatives: CACL + one change
+}
+# What each of the seeds' alternatives changes, written out by hand (docs/CONFIGS.md).
+ALTERNATIVE_KEYS = {
+    "pixpro": {"loss.pixel_loss": "pixpro", "model.ppm_transform": True},
+    "debiased": {"loss.debiased_tau_plus": 0.1},
+    "mochi": {"loss.mochi_global": (1024, 1024, 128), "loss.mochi_pixel": (256, 32, 8)},
 }
 DESCRIBED = {"loss.weights.global", "loss.weights.pixel", "loss.weights.cycle", "loss.pixel_match",
              "model.pixel_shuffle", "loss.soft_cycle", "loss.cycle_negatives", "data.pair_type",
@@ -159,6 +167,11 @@ def test_r18_variant_sets_exactly_its_paper_setting(variant):
     assert {k: lookup(c, k) for k in first} == first
     assert all(lookup(base, k) != v for k, v in first.items())
     described = DESCRIBED | set(first)
+  if variant in ALTERNATIVE_KEYS:
+    changed = ALTERNATIVE_KEYS[variant]
+    assert {k: lookup(c, k) for k in changed} == changed
+    assert all(lookup(base, k) != v for k, v in changed.items())
+    described = DESCRIBED | set(changed)
   rest = {k: v for k, v in flatten(c.to_dict()).items() if k not in described}
   assert rest == {k: v for k, v in flatten(base.to_dict()).items() if k not in described}
 

@@ -38,7 +38,7 @@ def load_config(name, arg=None):
 
 def eval_config(pretrained_dir=""):
   """configs/linear_eval_synthetic.py, shrunk: 32 train images (2 steps), 10 val images
-  padded to 72² in batches of 8 (so the last batch holds filler samples)."""
+  of 64 px padded to 72² in batches of 8 (so the last batch holds filler samples)."""
   c = load_config("linear_eval_synthetic")
   c.pretrained = pretrained_dir
   c.num_epochs = 1
@@ -47,6 +47,7 @@ def eval_config(pretrained_dir=""):
   c.log_every_steps = 1
   c.num_figure_images = 2
   c.data.eval_pad_size = (72, 72)
+  c.data.synthetic.frame_size = 64
   c.data.synthetic.num_train_images = 32
   c.data.synthetic.num_val_images = NUM_VAL
   return c

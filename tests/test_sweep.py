@@ -36,9 +36,14 @@ def test_two_variants_end_to_end_then_resume(tmp_path):
   assert runs["cacl"]["final_metrics"]["loss_pixel"] > 0.0
   summary = result["summary"]
   assert summary["cacl"]["paper"] == 38.2 and summary["cacl"]["n"] == 1
-  assert summary["random init"]["n"] == 2
+  # The floor and the ceiling: one value per seed; the ceiling computed by the first variant only.
+  assert summary["random init"]["n"] == 1 and summary["supervised (labels)"]["n"] == 1
+  assert "supervised_miou" in runs["cacl"] and "supervised_miou" not in runs["mocov2"]
+  assert "supervised" not in json.load(open(tmp_path / "mocov2" / "seed_3" / "linear_eval" /
+                                            "results.json"))
   md = open(tmp_path / "sweep.md").read()
   assert "| cacl |" in md and "| mocov2 |" in md and "38.2" in md
+  assert "| supervised (labels) |" in md and "Instrument (SPEC §10): ceiling" in md
   assert os.path.getsize(tmp_path / "sweep.png") > 5000
   # Rerun: nothing is trained again.
   again = sweep(tmp_path, "--variants", "cacl,mocov2", "--seeds", "3", "--config.checkpoint_every_steps=2")

@@ -61,7 +61,7 @@ def get_config(variant: str = ""):
 
 def eval_config():
   """configs/linear_eval_synthetic.py, shrunk: 32 train images (2 steps), 10 val images
-  padded to 72² in batches of 8."""
+  of 64 px padded to 72² in batches of 8."""
   spec = importlib.util.spec_from_file_location(
       "linear_eval_synthetic", os.path.join(ROOT, "configs", "linear_eval_synthetic.py"))
   module = importlib.util.module_from_spec(spec)
@@ -73,6 +73,7 @@ def eval_config():
   c.log_every_steps = 1
   c.num_figure_images = 2
   c.data.eval_pad_size = (72, 72)
+  c.data.synthetic.frame_size = 64
   c.data.synthetic.num_train_images = 32
   c.data.synthetic.num_val_images = 10
   c.supervised = type(c)()   # no supervised reference row: the demo's evidence, not the tests'

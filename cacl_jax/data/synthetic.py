@@ -7,10 +7,16 @@ of it and occlude one another. An object's class is the pair (shape, texture pat
     1 striped disc     2 checkered square   3 dotted triangle
     4 spoked ring      5 hatched cross      6 bullseye star
 
-Colour carries no class information: every instance draws two random colours (hue,
-saturation and value independent of the class, randomly assigned to the pattern's two
-phases), and backgrounds draw their colours from the same hue range. The patterns live
-in the object's own coordinates, so they move, turn and scale with it over time.
+The world is the demo's measuring instrument (SPEC §10; README "What the demo shows") and is
+frozen: `WORLD` below must not change after a self-supervised run was measured on it. Its
+objects are large (radius 0.15-0.25 of the side: 5-8 feature cells across at 128 px and
+output stride 8), each video holds 3-5 objects of distinct classes (so most frames hold
+several classes and an image-level code cannot label pixels), and colour is a weak cue: an
+instance draws its two colours' hues from a quarter of the hue circle around its class's own
+hue (saturation and value random, the two colours randomly assigned to the pattern's phases),
+and backgrounds draw any hue — so random convolutions do not already separate the classes
+(the random-init floor), but features that learn shape and texture do (the supervised ceiling).
+The patterns live in the object's own coordinates, so they move, turn and scale with it.
 
 A video is a pure function of (seed, stream, index): `video_spec` draws a small set of
 parameters, and `render(spec, t)` draws frame t analytically (pixel-centre sampling, hard
@@ -114,6 +120,10 @@ class ObjectSpec:
   angle(t)  = angle + spin * t
   """
   label: int  # 1..6
+  shape: int  # index into _SHAPES
+  texture: int  # index into _TEXTURES
+  pattern_scale: float  # the texture's period, relative to its class's
+  pattern_offset: np.ndarray  # [2] the texture's shift in object coordinates
   centre: np.ndarray  # [2] (x, y)
   amp: np.ndarray  # [2]
   period: np.ndarray  # [2]
@@ -151,35 +161,81 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
   return 255.0 * np.asarray(rgb)
 
 
-def _colour_pair(rng: np.random.Generator, contrast: tuple[float, float]) -> np.ndarray:
-  """Two colours of independent random hue whose values differ by `contrast`; random order."""
+def _colour_pair(rng: np.random.Generator, contrast: tuple[float, float],
+                 hues: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+  """Two colours whose values differ by `contrast`, random order; each hue independent and
+  uniform in `hues` (a range of the hue circle, wrapping)."""
   bright = rng.uniform(contrast[1] + 0.05, 1.0)
   dark = bright - rng.uniform(*contrast)
-  pair = np.stack([_hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 1.0), bright),
-                   _hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 1.0), dark)])
+  hue = lambda: rng.uniform(*hues) % 1.0
+  pair = np.stack([_hsv_to_rgb(hue(), rng.uniform(0.2, 1.0), bright),
+                   _hsv_to_rgb(hue(), rng.uniform(0.2, 1.0), dark)])
   return pair[rng.permutation(2)]
 
 
+def _class_hues(label: int, width: float) -> tuple[float, float]:
+  """The hue range of class `label`'s colours: `width` of the hue circle centred on the
+  class's own hue (classes spaced evenly); width 1 = any hue (colour says nothing)."""
+  centre = (label - 1) / (NUM_CLASSES - 1)
+  return centre - width / 2, centre + width / 2
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+  """What the videos are made of.
+
+  radius: an object's radius as a fraction of the frame side (uniform in the range).
+  distinct: the objects of one video have distinct classes (so most frames hold several).
+  pattern_scale: per-instance factor on the texture's period (uniform in the range).
+  classes: 'shape+texture' (class k = shape k with texture k), 'shape' (class k = shape k,
+    each instance wears a random texture: only the outline tells the class) or 'texture'
+    (class k = texture k on a random shape: only the surface tells the class).
+  class_hue: the width of the hue range, as a fraction of the circle, around the class's own
+    hue from which an instance's colours are drawn; 1 = colour says nothing of the class.
+  """
+  radius: tuple[float, float] = (0.15, 0.25)
+  distinct: bool = True
+  pattern_scale: tuple[float, float] = (1.0, 1.0)
+  classes: str = 'shape+texture'
+  class_hue: float = 0.25
+
+
+# The demo's frozen world (SPEC §10). The previous world, on which labels reached 17 mIoU at
+# 64 px, was World(radius=(0.12, 0.2), distinct=False, class_hue=1.0).
+WORLD = World()
+
+
 def video_spec(seed: int, stream: int, index: int, frame_size: int,
-               num_objects: tuple[int, int] = (3, 5)) -> VideoSpec:
+               num_objects: tuple[int, int] = (3, 5), world: World | None = None) -> VideoSpec:
   """Draws video `index` of `stream`: a pure function of its arguments."""
+  world = WORLD if world is None else world
   rng = np.random.default_rng([seed, stream, index])
   size = float(frame_size)
+  count = int(rng.integers(num_objects[0], num_objects[1] + 1))
+  if world.distinct:
+    labels = rng.permutation(NUM_CLASSES - 1)[:count] + 1
+  else:
+    labels = rng.integers(1, NUM_CLASSES, size=count)
   objects = []
-  for _ in range(rng.integers(num_objects[0], num_objects[1] + 1)):
+  for label in labels:
+    texture = int(rng.integers(len(_TEXTURES))) if world.classes == 'shape' else int(label) - 1
+    shape = int(rng.integers(len(_SHAPES))) if world.classes == 'texture' else int(label) - 1
     objects.append(ObjectSpec(
-        label=int(rng.integers(1, NUM_CLASSES)),
+        label=int(label),
+        shape=shape,
+        texture=texture,
+        pattern_scale=float(rng.uniform(*world.pattern_scale)),
+        pattern_offset=rng.uniform(0, 1, size=2),
         centre=rng.uniform(0.2, 0.8, size=2) * size,
         amp=rng.uniform(0.05, 0.22, size=2) * size,
         period=rng.uniform(40, 120, size=2),
         phase=rng.uniform(0, 2 * np.pi, size=2),
-        # Diameter 12-31 px at 64 px (radius 0.12-0.2 of the side, ±20% over time).
-        radius=rng.uniform(0.12, 0.2) * size,
+        radius=rng.uniform(*world.radius) * size,
         scale_period=rng.uniform(40, 120),
         scale_phase=rng.uniform(0, 2 * np.pi),
         angle=rng.uniform(0, 2 * np.pi),
         spin=rng.uniform(-0.06, 0.06),
-        colours=_colour_pair(rng, (0.3, 0.5))))
+        colours=_colour_pair(rng, (0.3, 0.5), _class_hues(int(label), world.class_hue))))
   speed = rng.uniform(0.3, 1.5) * size / 64
   heading = rng.uniform(0, 2 * np.pi)
   coarse = rng.uniform(0.15, 0.35) * size
@@ -237,35 +293,43 @@ def _value_noise(x: np.ndarray, y: np.ndarray, cell: float, seed: int) -> np.nda
   return wy @ lattice @ wx.T
 
 
+def _object_window(obj: ObjectSpec, t: float, size: int):
+  """The pixels of frame t that object `obj` may cover: (y0, y1, x0, x1, u, v) with (u, v)
+  its object coordinates at the window's pixel centres, or None when it is out of view."""
+  cx, cy, r, angle = obj.pose(t)
+  x0, x1 = max(0, int(cx - r) - 1), min(size, int(cx + r) + 2)
+  y0, y1 = max(0, int(cy - r) - 1), min(size, int(cy + r) + 2)
+  if x0 >= x1 or y0 >= y1:
+    return None
+  dx = (np.arange(x0, x1, dtype=np.float32) + 0.5 - np.float32(cx))[None, :]
+  dy = (np.arange(y0, y1, dtype=np.float32) + 0.5 - np.float32(cy))[:, None]
+  cos, sin = np.float32(np.cos(angle) / r), np.float32(np.sin(angle) / r)
+  return y0, y1, x0, x1, cos * dx + sin * dy, cos * dy - sin * dx
+
+
 def render(spec: VideoSpec, t: float) -> tuple[np.ndarray, np.ndarray]:
   """Frame t of a video. Returns (uint8 [S, S, 3] RGB, uint8 [S, S] labels, 0 = background)."""
   size = spec.frame_size
-  centres = np.arange(size, dtype=np.float32) + 0.5
+  centres = np.arange(size, dtype=np.float64) + 0.5
   # The camera pans over the infinite background; objects move in view coordinates.
   cam = spec.pan_start + spec.pan_velocity * t
-  bx = centres.astype(np.float64) + cam[0]
-  by = centres.astype(np.float64) + cam[1]
-  n = (0.65 * _value_noise(bx, by, spec.cells[0], spec.noise_seed)
-       + 0.35 * _value_noise(bx, by, spec.cells[1], spec.noise_seed + 1))
+  n = (0.65 * _value_noise(centres + cam[0], centres + cam[1], spec.cells[0], spec.noise_seed)
+       + 0.35 * _value_noise(centres + cam[0], centres + cam[1], spec.cells[1], spec.noise_seed + 1))
   lo, hi = spec.background.astype(np.float32)
   image = lo + n[..., None] * (hi - lo)   # float32 [S, S, 3]
   labels = np.zeros((size, size), np.uint8)
   for obj in spec.objects:
-    cx, cy, r, angle = obj.pose(t)
-    x0, x1 = max(0, int(cx - r) - 1), min(size, int(cx + r) + 2)
-    y0, y1 = max(0, int(cy - r) - 1), min(size, int(cy + r) + 2)
-    if x0 >= x1 or y0 >= y1:
+    window = _object_window(obj, t, size)
+    if window is None:
       continue
-    dx = (centres[x0:x1] - cx)[None, :]
-    dy = (centres[y0:y1] - cy)[:, None]
-    cos, sin = np.cos(angle), np.sin(angle)
-    u = (cos * dx + sin * dy) / r
-    v = (-sin * dx + cos * dy) / r
-    mask = _SHAPES[obj.label - 1](u, v)
-    on = _TEXTURES[obj.label - 1](u, v)
-    colour = np.where(on[..., None], obj.colours[0], obj.colours[1]).astype(np.float32)
-    window = image[y0:y1, x0:x1]
-    window[mask] = colour[mask]
+    y0, y1, x0, x1, u, v = window
+    mask = _SHAPES[obj.shape](u, v)
+    # The texture lives in the object's own coordinates, shifted and scaled per instance.
+    on = _TEXTURES[obj.texture](u / obj.pattern_scale + obj.pattern_offset[0],
+                                v / obj.pattern_scale + obj.pattern_offset[1])
+    colours = obj.colours.astype(np.float32)
+    colour = np.where(on[..., None], colours[0], colours[1])
+    np.copyto(image[y0:y1, x0:x1], colour, where=mask[..., None])
     labels[y0:y1, x0:x1][mask] = obj.label
   return np.clip(np.rint(image), 0, 255).astype(np.uint8), labels
 
@@ -274,15 +338,12 @@ def instances(spec: VideoSpec, t: float) -> np.ndarray:
   """int16 [S, S]: index of the visible (front-most) object at each pixel of frame t, −1 for
   the background. The same masks as `render`, without the colours."""
   size = spec.frame_size
-  centres = np.arange(size, dtype=np.float32) + 0.5
   out = np.full((size, size), -1, np.int16)
   for k, obj in enumerate(spec.objects):
-    cx, cy, r, angle = obj.pose(t)
-    dx = (centres - cx)[None, :]
-    dy = (centres - cy)[:, None]
-    u = (np.cos(angle) * dx + np.sin(angle) * dy) / r
-    v = (-np.sin(angle) * dx + np.cos(angle) * dy) / r
-    out[_SHAPES[obj.label - 1](u, v)] = k
+    window = _object_window(obj, t, size)
+    if window is not None:
+      y0, y1, x0, x1, u, v = window
+      out[y0:y1, x0:x1][_SHAPES[obj.shape](u, v)] = k
   return out
 
 

@@ -36,32 +36,55 @@ def evaluate_after_pretraining(config: ml_collections.ConfigDict, workdir: str) 
     return _evaluate(config, eval_config, out, mesh)
 
 
-def _evaluate(config, eval_config, out: str, mesh) -> dict:
-  pretrained = probe.evaluate_checkpoint(eval_config, os.path.join(out, "pretrained"), mesh)
+def supervised_config(eval_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ceiling's run: the evaluation config fine-tuning the whole network (`finetune`) with
+  the `supervised` section's images, epochs and optimiser on the same probe data."""
+  sup = ml_collections.ConfigDict(eval_config.to_dict())
+  sup.protocol, sup.finetune = "linear", True
+  section = eval_config.supervised.to_dict()
+  sup.data.synthetic.num_train_images = section.pop("num_train_images")
+  sup.update(section)
+  return sup
 
+
+def floor(config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict, out: str,
+          mesh) -> tuple[dict, object, object]:
+  """The random-init row (SPEC §10's floor): the backbone of `config.model` initialised with
+  `config.seed`, BN statistics re-estimated on 64 train images, under the linear protocol.
+  Returns (results, params, batch_stats); the ceiling starts from the same params."""
   train_source = segdata.segmentation_source(eval_config.data, "train")
   calib = np.stack([train_source[i]["image"] for i in range(min(64, len(train_source)))])
   params, stats = probe.random_backbone(config.model, seed=config.seed,
                                         image_size=eval_config.data.image_size,
                                         calibration_images=calib)
-  random_init = probe.linear_probe(eval_config, params, stats, config.model, mesh,
-                                   os.path.join(out, "random_init"))
+  return probe.linear_probe(eval_config, params, stats, config.model, mesh, out), params, stats
+
+
+def ceiling(config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict, params,
+            stats, out: str, mesh) -> dict | None:
+  """The supervised row (SPEC §10's ceiling), or None where the evaluation config has no
+  `supervised` section or its num_epochs is 0."""
+  if not (eval_config.get("supervised") and eval_config.supervised.num_epochs):
+    return None
+  return probe.linear_probe(supervised_config(eval_config), params, stats, config.model, mesh, out)
+
+
+def _evaluate(config, eval_config, out: str, mesh) -> dict:
+  pretrained = probe.evaluate_checkpoint(eval_config, os.path.join(out, "pretrained"), mesh)
+  random_init, params, stats = floor(config, eval_config, os.path.join(out, "random_init"), mesh)
   # The label-free cluster protocol (evaluation/cluster.py) of both backbones, beside the linear.
-  eval_config.protocol = "cluster"
-  pretrained["cluster"] = probe.evaluate_checkpoint(eval_config, os.path.join(out, "pretrained",
-                                                                              "cluster"), mesh)
-  random_init["cluster"] = cluster.cluster_probe(eval_config, params, stats, config.model, mesh,
+  cluster_config = ml_collections.ConfigDict(eval_config.to_dict())
+  cluster_config.protocol = "cluster"
+  pretrained["cluster"] = probe.evaluate_checkpoint(
+      cluster_config, os.path.join(out, "pretrained", "cluster"), mesh)
+  random_init["cluster"] = cluster.cluster_probe(cluster_config, params, stats, config.model, mesh,
                                                  os.path.join(out, "random_init", "cluster"))
 
   rows = {"CACL pretrained": pretrained, "random init": random_init}
   extra = {}
-  if eval_config.get("supervised"):
-    sup_config = ml_collections.ConfigDict(eval_config.to_dict())
-    sup_config.protocol = "linear"
-    sup_config.finetune = True
-    sup_config.update(eval_config.supervised.to_dict())
-    rows["supervised (labels)"] = extra["supervised"] = probe.linear_probe(
-        sup_config, params, stats, config.model, mesh, os.path.join(out, "supervised"))
+  supervised = ceiling(config, eval_config, params, stats, os.path.join(out, "supervised"), mesh)
+  if supervised is not None:
+    rows["supervised (labels)"] = extra["supervised"] = supervised
   table = metrics_lib.format_comparison(rows)
   results = {**pretrained, "random_init": random_init, **extra, "comparison": table}
   if jax.process_index() == 0:
