@@ -45,7 +45,9 @@ def analyse(backbone, height, width, batch, queue, dtype, soft_cycle):
   model = model_from_config(config.model)
   tx, schedule = optim.make_optimizer(config)
   abstract = jax.eval_shape(lambda: step_lib.init_state(model, tx, config, 0))
-  fn = step_lib.jit_train_step(model, tx, schedule, config, mesh, step_lib.state_shardings(abstract, mesh))
+  # blocks=0: the accelerators' program (no per-device zero sample, `step.layout_blocks`).
+  fn = step_lib.jit_train_step(model, tx, schedule, config, mesh,
+                               step_lib.state_shardings(abstract, mesh), blocks=0)
   images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8)
   t0 = time.perf_counter()
   stats = fn.lower(abstract, {"v": images, "v_pos": images}).compile().memory_analysis()

@@ -1,6 +1,6 @@
 """The whole CACL step against a PyTorch implementation of the same step, same machine, one run.
 
-  python benchmarks/step_vs_pytorch.py                         # the three sizes below, 3 rounds
+  python benchmarks/step_vs_pytorch.py                         # the four sizes below, 3 rounds
   python benchmarks/step_vs_pytorch.py --sizes r18q64 r18_112 --rounds 5
   python benchmarks/step_vs_pytorch.py --peer PATH/torch_peer.py
 
@@ -27,7 +27,8 @@ import sys
 import common
 
 # name: (peer arch, width divisor, image side)
-SIZES = {"r18q64": ("resnet18", 4, 64), "r18_112": ("resnet18", 1, 112), "r18_224": ("resnet18", 1, 224),
+SIZES = {"r18e64": ("resnet18", 8, 64), "r18q64": ("resnet18", 4, 64),
+         "r18_112": ("resnet18", 1, 112), "r18_224": ("resnet18", 1, 224),
          "r50_112": ("resnet50", 1, 112)}
 DEFAULT_PEER = os.path.join(os.path.dirname(common.ROOT), "shared", "bench", "torch_peer.py")
 
@@ -42,7 +43,7 @@ def run_peer(peer: str, backbone: str, width: int, size: int, batch: int, queue:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--sizes", nargs="+", default=["r18q64", "r18_112", "r18_224"], choices=list(SIZES))
+  ap.add_argument("--sizes", nargs="+", default=["r18e64", "r18q64", "r18_112", "r18_224"], choices=list(SIZES))
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--queue", type=int, default=16384)
   ap.add_argument("--rounds", type=int, default=3)

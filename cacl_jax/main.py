@@ -6,7 +6,8 @@
 
 Resumes by itself from DIR/checkpoints. Multi-host: on Cloud TPU pods the peers are found
 automatically; elsewhere pass --coordinator_address HOST:PORT --num_processes N --process_id I.
-A config that chains an evaluation (`eval_after`, as configs/demo.py does) runs it afterwards.
+A config that chains an evaluation (`eval_after`, as configs/demo.py does) runs it afterwards
+(`--pretrain_only` skips it).
 
 Exit codes: 0 when the run finished or was preempted (SIGTERM: the step reached is saved, and a
 chained evaluation is left for the rerun that finishes the run); 1 with one `error:` line for
@@ -27,6 +28,8 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl,
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host, non-TPU).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, non-TPU).")
 flags.DEFINE_integer("process_id", None, "This process' id (multi-host, non-TPU).")
+flags.DEFINE_bool("pretrain_only", False, "Skip the config's chained evaluation (eval_after); "
+                  "a later run of the same command without it evaluates the finished run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,7 +46,7 @@ def main(argv):
   try:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     train.run(config, FLAGS.workdir)
-    if config.eval_after:
+    if config.eval_after and not FLAGS.pretrain_only:
       demo.evaluate_after_pretraining(config, FLAGS.workdir)
   except train.Preempted as e:
     print(f"{e}; rerun the same command to continue", flush=True)

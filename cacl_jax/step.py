@@ -338,10 +338,12 @@ def layout_blocks(mesh: Mesh) -> int:
   return mesh.devices.size if mesh.devices.flat[0].platform == "cpu" else 0
 
 
-def jit_train_step(model, tx, schedule, config, mesh: Mesh, shardings: TrainState) -> Callable:
-  """jit(train_step) over the mesh: batch split on 'data', state donated, metrics replicated."""
+def jit_train_step(model, tx, schedule, config, mesh: Mesh, shardings: TrainState,
+                   blocks: int | None = None) -> Callable:
+  """jit(train_step) over the mesh: batch split on 'data', state donated, metrics replicated.
+  `blocks` overrides `layout_blocks(mesh)` (0: compile as a GPU or TPU does, unpadded)."""
   batch_sharding = NamedSharding(mesh, P(DATA))
-  model = with_layout_blocks(model, layout_blocks(mesh))
+  model = with_layout_blocks(model, layout_blocks(mesh) if blocks is None else blocks)
   step = lambda s, b: train_step(s, b, model=model, tx=tx, schedule=schedule, config=config)
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0,

@@ -60,3 +60,25 @@ def test_a_config_without_a_ceiling_is_one_line(tmp_path):
   assert out.returncode != 0
   lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
   assert "no eval_after" in lines[-1], out.stderr
+
+
+def test_neighbour_agreement_against_brute_force():
+  from cacl_jax.evaluation import neighbours
+  rng = np.random.default_rng(0)
+  b, n, d = 5, 12, 6
+  labels = rng.integers(0, 4, size=(b, n))
+  x = rng.normal(size=(b, n, d)) + 2.0 * np.eye(d)[labels]   # classes pull features together
+  unit = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  flat, lab = unit.reshape(b * n, d), labels.reshape(-1)
+  image = np.repeat(np.arange(b), n)
+  def brute(allowed):
+    sims = np.where((image[None] == image[:, None]) | ~allowed[None], -np.inf, flat @ flat.T)
+    return sims.argmax(-1)
+  every, among = brute(np.ones(b * n, bool)), brute(lab > 0)
+  got = neighbours.agreement(x.astype(np.float32), labels)
+  np.testing.assert_allclose(got["agree_all"], np.mean(lab[every] == lab))
+  np.testing.assert_allclose(got["agree_objects"], np.mean((lab[among] == lab)[lab > 0]))
+  shares = np.bincount(lab, minlength=7) / lab.size
+  np.testing.assert_allclose(got["chance_all"], np.sum(shares ** 2))
+  np.testing.assert_allclose(got["chance_objects"], np.sum((shares[1:] / shares[1:].sum()) ** 2))
+  assert got["agree_objects"] > got["chance_objects"]   # the planted structure is found

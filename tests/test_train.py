@@ -445,3 +445,18 @@ def test_a_short_run_with_its_evaluation_writes_everything_through_a_file_url(co
     results = json.load(f)
   assert results["checkpoint_step"] == 4 and 0 <= results["miou"] <= 100
   assert os.listdir(compiled_runs["cwd"]) == []   # nothing bypassed the path layer
+
+
+def test_pretrain_only_skips_the_chained_evaluation_and_a_rerun_evaluates(tmp_path):
+  w = str(tmp_path / "run")
+  run = lambda *args: subprocess.run(
+      tiny.main_command(w, tiny.NO_VIZ, "--config.total_steps=2", *args, config=tiny.CONFIG + ":eval"),
+      cwd=tiny.ROOT, env=tiny.env(8), capture_output=True, text=True, timeout=tiny.TIMEOUT)
+  out = run("--pretrain_only")
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert [r["step"] for r in tiny.metrics(w)] == [1, 2]
+  assert not os.path.exists(os.path.join(w, "linear_eval"))
+  out = run()   # the finished run: no step is trained again, the evaluation runs
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert [r["step"] for r in tiny.metrics(w)] == [1, 2]
+  assert os.path.exists(os.path.join(w, "linear_eval", "results.json"))
