@@ -16,12 +16,12 @@ CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_sweep.py
 def test_criteria_follow_spec_section_10():
   ok = instrument.criteria([11.0, 12.0, 13.0], [55.0, 56.0, 57.0])
   assert ok["floor_mean"] == 12.0 and ok["ceiling_mean"] == 56.0
-  np.testing.assert_allclose(ok["floor_std"], np.std([11.0, 12.0, 13.0]))
+  np.testing.assert_allclose(ok["floor_std"], np.std([11.0, 12.0, 13.0], ddof=1))
   np.testing.assert_allclose(ok["std_allowed"], (56.0 - 12.0) / 8)
   assert ok["ceiling_ok"] and ok["floor_ok"] and ok["floor_std_ok"]
   low = instrument.criteria([20.0, 21.0], [39.0, 39.5])   # ceiling < 40, floor > ½ ceiling
   assert not low["ceiling_ok"] and not low["floor_ok"] and low["floor_std_ok"]
-  noisy = instrument.criteria([4.0, 16.0], [50.0, 50.0])   # std 6 > ⅛ × (50 − 10)
+  noisy = instrument.criteria([4.0, 16.0], [50.0, 50.0])   # std 8.5 > ⅛ × (50 − 10)
   assert not noisy["floor_std_ok"]
   assert instrument.criteria([12.0], [50.0])["floor_std_ok"] is None   # one seed: no std
 

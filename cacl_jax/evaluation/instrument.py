@@ -49,12 +49,12 @@ def world_stats(eval_config, num_images: int = 128) -> dict:
 
 
 def criteria(floors: list[float], ceilings: list[float]) -> dict:
-  """SPEC §10 on per-seed floor and ceiling mIoUs (population std over seeds)."""
+  """SPEC §10 on per-seed floor and ceiling mIoUs (sample std over seeds, as `cacl_jax.sweep`)."""
   floor, ceiling = float(np.mean(floors)), float(np.mean(ceilings))
   span = ceiling - floor
-  floor_std = float(np.std(floors)) if len(floors) > 1 else None
+  floor_std = float(np.std(floors, ddof=1)) if len(floors) > 1 else None
   return {"floor_mean": floor, "floor_std": floor_std, "ceiling_mean": ceiling,
-          "ceiling_std": float(np.std(ceilings)) if len(ceilings) > 1 else None,
+          "ceiling_std": float(np.std(ceilings, ddof=1)) if len(ceilings) > 1 else None,
           "std_allowed": STD_SHARE * span,
           "ceiling_ok": ceiling >= CEILING_MIN, "floor_ok": floor <= FLOOR_SHARE * ceiling,
           "floor_std_ok": None if floor_std is None else floor_std <= STD_SHARE * span}
