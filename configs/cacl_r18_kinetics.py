@@ -38,6 +38,10 @@ Variants (default 'cacl'; each changes only the keys listed, the rest is the CAC
                                                                  loss.debiased_tau_plus = 0.1
     mochi       hard negative mixing (Kalantidis et al. 2020) from Q_G and Q_P
                                                                  loss.mochi_global, loss.mochi_pixel
+  A diagnostic (not the paper; README "What the demo shows"):
+    cacl_same_position  CACL whose pixel head takes the same position of v+ as the positive
+                        (pixel_only's match) instead of u's affinity (eq. 4)
+                                                                 loss.pixel_match = same_position
   The first build's readings (SPEC §3 before §9; every head collapses, README "What the demo
   shows"):
     spec3_readings      GAP after g_G, queue-only pixel negatives, T = û û+ᵀ, no identity
@@ -105,6 +109,8 @@ VARIANTS = {
     "with_cycle_negatives": {"loss.cycle_negatives": True},
     # The seeds' alternatives
     **ALTERNATIVES,
+    # A diagnostic: is eq. 4's positive, chosen by u's affinity, what the pixel head lacks?
+    "cacl_same_position": {"loss.pixel_match": "same_position"},
     # SPEC §3 as first built
     "spec3_readings": SPEC3_READINGS,
 }

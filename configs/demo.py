@@ -34,7 +34,10 @@ TABLE_1A = ("cacl", "two_heads", "mocov2", "pixel_only", "global_cycle")
 # sizes follow the demo's queue (K = 2048 instead of 16384).
 ALTERNATIVES = {**cacl_r18_kinetics.ALTERNATIVES,
                 "mochi": {"loss.mochi_global": (256, 256, 32), "loss.mochi_pixel": (64, 16, 4)}}
-VARIANTS = {**{name: cacl_r18_kinetics.VARIANTS[name] for name in TABLE_1A}, **ALTERNATIVES}
+# A diagnostic (not the paper): CACL with pixel_only's match (README "What the demo shows").
+DIAGNOSTICS = ("cacl_same_position",)
+VARIANTS = {**{name: cacl_r18_kinetics.VARIANTS[name] for name in TABLE_1A + DIAGNOSTICS},
+            **ALTERNATIVES}
 # The paper's Cityscapes linear mIoU for those rows (ResNet-18, Table 1a); `sweep` prints
 # them beside the demo's numbers: the ordering is what the demo can reproduce, not the values.
 PAPER_MIOU = {"cacl": 38.2, "two_heads": 35.9, "mocov2": 33.2, "pixel_only": 28.7,

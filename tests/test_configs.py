@@ -25,13 +25,14 @@ LAUNCH = os.path.join(ROOT, "launch")
 R18_VARIANTS = ["mocov2", "two_heads", "pixel_only", "global_cycle", "cacl", "same_frame",
                 "cross_frame_s2", "cross_frame_s4", "cross_frame_s8", "global_match_s4",
                 "global_match_s8", "cacl_s4", "cacl_s8", "simple", "no_soft_cycle",
-                "with_cycle_negatives", "spec3_readings", "pixpro", "debiased", "mochi"]
+                "with_cycle_negatives", "spec3_readings", "pixpro", "debiased", "mochi",
+                "cacl_same_position"]
 R50_VARIANTS = ["mocov2", "two_heads", "cacl", "simple", "no_soft_cycle"]
 PRETRAIN = {"cacl_r18_kinetics.py": [None] + R18_VARIANTS,
             "cacl_r50_in_kinetics.py": [None] + R50_VARIANTS,
             "mocov2_r50_imagenet.py": [None],
             "demo.py": [None, "cacl", "two_heads", "mocov2", "pixel_only", "global_cycle",
-                        "pixpro", "debiased", "mochi"]}
+                        "pixpro", "debiased", "mochi", "cacl_same_position"]}
 EVAL = {"linear_eval_cityscapes.py": [None], "linear_eval_voc.py": [None],
         "linear_eval_synthetic.py": [None],
         "finetune_cityscapes.py": [None, "1pct", "5pct", "10pct", "100pct"]}
@@ -66,6 +67,7 @@ EXPECTED = {
     "with_cycle_negatives": ((1.0, 1.0, 1.0), "global", True, True, True, "cross_frame", 8),
     "spec3_readings": ((1.0, 1.0, 1.0), "global", True, True, True, "cross_frame", 8),
     "pixpro": CACL, "debiased": CACL, "mochi": CACL,     # the seeds' alternatives: CACL + one change
+    "cacl_same_position": ((1.0, 1.0, 1.0), "same_position", True, True, False, "cross_frame", 8),
 }
 # What each of the seeds' alternatives changes, written out by hand (docs/CONFIGS.md).
 ALTERNATIVE_KEYS = {
