@@ -106,12 +106,23 @@ def eval_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.num_figure_images = 4                    # val samples in the image / GT / prediction grid
   c.protocol = "linear"                      # 'linear' (1×1 conv) | 'cluster' (k-means, no labels)
+                                             # | 'retrieval' (nearest-neighbour label transfer)
 
   c.cluster = ml_collections.ConfigDict()    # protocol='cluster' (evaluation/cluster.py)
   c.cluster.num_clusters = 0                 # k; 0 = the number of classes; more = over-clustering
   c.cluster.fit_pixels = 100_000             # feature cells drawn from the val images to fit k-means
   c.cluster.num_iters = 50                   # Lloyd iterations per restart
   c.cluster.num_restarts = 5                 # k-means++ restarts; the best by total similarity wins
+
+  # protocol='retrieval' (evaluation/retrieval.py): Hummingbird, Balazevic et al. 2023, with the
+  # settings of vpariza/open-hummingbird-eval (README "3. Evaluation" gives each source).
+  c.retrieval = ml_collections.ConfigDict()
+  c.retrieval.memory_size = 10_240_000       # bank cells, 1024·10⁴ (the paper's); 0 = all labelled
+  c.retrieval.num_neighbours = 30            # k nearest keys per val cell
+  c.retrieval.temperature = 0.02             # softmax temperature over the k cosine similarities
+  c.retrieval.augmentation_epochs = 1        # augmented passes over the train split into the memory
+  c.retrieval.image_size = 0                 # memory crop side; 0 = data.eval_pad_size's short side
+  c.retrieval.block_size = 4096              # query / bank rows per similarity tile (speed, memory)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ""                           # 'synthetic' | 'voc' | 'cityscapes'

@@ -377,19 +377,22 @@ def run_probe(config: ml_collections.ConfigDict, backbone_params: Any,
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> dict:
-  """The `linear_eval` program: restore → probe (or fine-tune, or cluster) → WORKDIR/results.json.
+  """The `linear_eval` program: restore → probe (or fine-tune, cluster, retrieval) → results.json.
 
   Restores the online backbone and its BN statistics from the newest checkpoint of
   `config.pretrained` (or `config.checkpoint_step`) onto this run's devices, runs
-  `linear_probe` (or, with `protocol='cluster'`, `cluster.cluster_probe`) on `mesh` (default:
+  `linear_probe` (or, with `protocol='cluster'`, `cluster.cluster_probe`; with
+  `protocol='retrieval'`, `retrieval.retrieval_probe`) on `mesh` (default:
   every device) and writes results.json with the metrics,
   `checkpoint_step`, `checkpoint_path` and the evaluation config (process 0).
   """
   from cacl_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from cacl_jax.evaluation import cluster  # pylint: disable=g-import-not-at-top
+  from cacl_jax.evaluation import cluster, retrieval  # pylint: disable=g-import-not-at-top
   protocol = config.get("protocol", "linear")
-  if protocol not in ("linear", "cluster"):
-    raise ValueError(f"protocol must be 'linear' or 'cluster', got {protocol!r}")
+  probes = {"linear": linear_probe, "cluster": cluster.cluster_probe,
+            "retrieval": retrieval.retrieval_probe}
+  if protocol not in probes:
+    raise ValueError(f"protocol must be 'linear', 'cluster' or 'retrieval', got {protocol!r}")
   if not config.get("pretrained"):
     raise ValueError("config.pretrained must name a pretraining workdir "
                      "(--config.pretrained=PRETRAIN_DIR)")
@@ -408,9 +411,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh=No
   pretrained = checkpoint.restore_pretrained(config.pretrained, config.get("checkpoint_step"))
   if jax.process_index() == 0:
     logging.info("restored the backbone of %s (step %d)", pretrained.path, pretrained.step)
-  run = cluster.cluster_probe if protocol == "cluster" else linear_probe
-  results = run(config, pretrained.params, pretrained.batch_stats, pretrained.config.model, mesh,
-                workdir)
+  results = probes[protocol](config, pretrained.params, pretrained.batch_stats,
+                             pretrained.config.model, mesh, workdir)
   results.update({"checkpoint_step": pretrained.step, "checkpoint_path": pretrained.path,
                   "config": json.loads(config.to_json_best_effort())})
   if jax.process_index() == 0:
