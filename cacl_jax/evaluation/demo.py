@@ -1,4 +1,5 @@
-"""The demo's evidence: the linear and cluster protocols for the pretrained and a random-init backbone.
+"""The demo's evidence: the linear, cluster and retrieval protocols for the pretrained and a
+random-init backbone.
 
 Called by `main` after pretraining when the config carries `eval_after` (configs/demo.py).
 Both backbones get the identical probe (same head init, data order and schedule); the random
@@ -6,11 +7,13 @@ one has its BN statistics re-estimated on train images (`probe.random_backbone`)
 fair baseline. Writes WORKDIR/linear_eval/{pretrained,random_init}/ (figures, per-run
 results) and WORKDIR/linear_eval/results.json: the contract's keys for the pretrained
 backbone, plus `random_init` and the comparison table; each run's cluster-protocol results
-(`evaluation/cluster.py`) sit under its `cluster` key. When the evaluation config has a
+(`evaluation/cluster.py`) sit under its `cluster` key and its retrieval-protocol results
+(`evaluation/retrieval.py`, Hummingbird) under `retrieval`. When the evaluation config has a
 `supervised` section, a third row reads the table: the same backbone from the same random
 initialisation trained end to end with the probe's own labels (same images, epochs and
 augmentation; the fine-tuning protocol's optimiser), under `supervised` in results.json — the
-level labels reach at this scale, so that the unsupervised rows can be read against it.
+level labels reach at this scale, so that the unsupervised rows can be read against it; its
+backbone is also evaluated by retrieval (seconds, against the minutes of its training).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import numpy as np
 
 from cacl_jax import parallel, paths, runlock
 from cacl_jax.evaluation import metrics as metrics_lib
-from cacl_jax.evaluation import cluster, probe, segdata
+from cacl_jax.evaluation import cluster, probe, retrieval, segdata
 
 
 def evaluate_after_pretraining(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -61,35 +64,52 @@ def floor(config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigD
 
 
 def ceiling(config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict, params,
-            stats, out: str, mesh) -> dict | None:
+            stats, out: str, mesh, retrieval_config: ml_collections.ConfigDict | None = None
+            ) -> dict | None:
   """The supervised row (SPEC §10's ceiling), or None where the evaluation config has no
-  `supervised` section or its num_epochs is 0."""
+  `supervised` section or its num_epochs is 0. With `retrieval_config`, the trained backbone is
+  also evaluated by retrieval (under the result's `retrieval` key)."""
   if not (eval_config.get("supervised") and eval_config.supervised.num_epochs):
     return None
-  return probe.linear_probe(supervised_config(eval_config), params, stats, config.model, mesh, out)
+  results, state = probe.run_probe(supervised_config(eval_config), params, stats, config.model,
+                                   mesh, out)
+  if retrieval_config is not None:
+    results["retrieval"] = retrieval.retrieval_probe(
+        retrieval_config, state.backbone, state.batch_stats, config.model, mesh,
+        os.path.join(out, "retrieval"))
+  return results
+
+
+def with_protocol(eval_config: ml_collections.ConfigDict,
+                  protocol: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(eval_config.to_dict())
+  c.protocol = protocol
+  return c
 
 
 def _evaluate(config, eval_config, out: str, mesh) -> dict:
   pretrained = probe.evaluate_checkpoint(eval_config, os.path.join(out, "pretrained"), mesh)
   random_init, params, stats = floor(config, eval_config, os.path.join(out, "random_init"), mesh)
-  # The label-free cluster protocol (evaluation/cluster.py) of both backbones, beside the linear.
-  cluster_config = ml_collections.ConfigDict(eval_config.to_dict())
-  cluster_config.protocol = "cluster"
-  pretrained["cluster"] = probe.evaluate_checkpoint(
-      cluster_config, os.path.join(out, "pretrained", "cluster"), mesh)
-  random_init["cluster"] = cluster.cluster_probe(cluster_config, params, stats, config.model, mesh,
-                                                 os.path.join(out, "random_init", "cluster"))
+  # The label-free cluster protocol and the retrieval protocol of both backbones, beside the linear.
+  for protocol, run in (("cluster", cluster.cluster_probe),
+                        ("retrieval", retrieval.retrieval_probe)):
+    protocol_config = with_protocol(eval_config, protocol)
+    pretrained[protocol] = probe.evaluate_checkpoint(
+        protocol_config, os.path.join(out, "pretrained", protocol), mesh)
+    random_init[protocol] = run(protocol_config, params, stats, config.model, mesh,
+                                os.path.join(out, "random_init", protocol))
 
   rows = {"CACL pretrained": pretrained, "random init": random_init}
   extra = {}
-  supervised = ceiling(config, eval_config, params, stats, os.path.join(out, "supervised"), mesh)
+  supervised = ceiling(config, eval_config, params, stats, os.path.join(out, "supervised"), mesh,
+                       with_protocol(eval_config, "retrieval"))
   if supervised is not None:
     rows["supervised (labels)"] = extra["supervised"] = supervised
   table = metrics_lib.format_comparison(rows)
   results = {**pretrained, "random_init": random_init, **extra, "comparison": table}
   if jax.process_index() == 0:
     paths.write_text_atomic(paths.resolve(out) / "results.json", json.dumps(results, indent=1))
-    print(f"\nLinear and cluster protocols on the synthetic val set "
+    print(f"\nLinear, cluster and retrieval protocols on the synthetic val set "
           f"({pretrained['num_images']} images, "
           f"checkpoint step {pretrained['checkpoint_step']}):\n{table}\n"
           f"written to {os.path.join(out, 'results.json')}", flush=True)

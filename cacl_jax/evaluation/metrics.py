@@ -126,17 +126,22 @@ def format_comparison(results: dict[str, dict]) -> str:
   """One table of mIoU / mAcc for several runs, e.g. {'pretrained': r1, 'random init': r2}.
 
   When a run carries the cluster protocol's results under 'cluster', two columns follow: its
-  mIoU and pixel accuracy ('-' for runs without them).
+  mIoU and pixel accuracy; under 'retrieval', the retrieval protocol's mIoU ('-' for runs
+  without them).
   """
   width = max([len(n) for n in results] + [8])
   clustered = any("cluster" in r for r in results.values())
-  extra = "  cluster mIoU  pixel acc" if clustered else ""
+  retrieved = any("retrieval" in r for r in results.values())
+  extra = (("  cluster mIoU  pixel acc" if clustered else "")
+           + ("  retrieval mIoU" if retrieved else ""))
   lines = [f"{'backbone':<{width}}   mIoU   mAcc{extra}", "-" * (width + 15 + len(extra))]
   for name, r in results.items():
     line = f"{name:<{width}} {r['miou']:6.1f} {r['macc']:6.1f}"
     if clustered:
       c = r.get("cluster")
       line += f" {c['miou']:13.1f} {c['pixel_acc']:10.1f}" if c else f" {'-':>13} {'-':>10}"
+    if retrieved:
+      line += f" {r['retrieval']['miou']:15.1f}" if "retrieval" in r else f" {'-':>15}"
     lines.append(line)
   return "\n".join(lines)
 
