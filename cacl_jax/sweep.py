@@ -12,20 +12,23 @@ as configs/demo.py) is evaluated by `main`; for any other, `--eval_config FILE` 
 
 Resumable: a run whose results.json exists is not rerun, and an interrupted one resumes from
 its own checkpoints; a failed run is recorded (exit code, last line of its log) and the sweep
-goes on. Writes, after every run:
-  DIR/sweep.json   every run (variant, seed, miou, macc, random-init miou, last logged metrics)
-                   and the summary per variant;
-  DIR/sweep.md     mean ± std over seeds per variant, the paper's number beside it where the
-                   config file names one (`PAPER_MIOU = {variant: mIoU}`); the demo's floor
-                   (random init) and ceiling (supervised) rows, one value per seed, and SPEC
+goes on. Writes, after every run (`cacl_jax/sweep_summary.py`):
+  DIR/sweep.json   every run (variant, seed, mIoU per evaluation protocol — linear, and cluster
+                   and retrieval where the run has them —, the floor's and ceiling's, last logged
+                   metrics), the summary per variant and the paired differences;
+  DIR/sweep.md     mean ± std over seeds per variant and protocol, the paper's number beside it
+                   where the config file names one (`PAPER_MIOU = {variant: mIoU}`); the demo's
+                   floor (random init) and ceiling (supervised) rows, one value per seed, and SPEC
                    §10's instrument criteria on them (the ceiling is computed by the first
-                   variant's run of each seed only);
-  DIR/sweep.png    the same as a bar chart with the seeds as dots.
+                   variant's run of each seed only); per protocol, every variant's per-seed
+                   difference to `--reference` (default mocov2) with its mean, 95 % Student-t
+                   interval and verdict;
+  DIR/sweep.png    the means with the seeds as dots, and the paired differences with their
+                   intervals, one panel per protocol.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -35,6 +38,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cacl_jax import cli
+from cacl_jax import sweep_summary as summary_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Pretraining config file (its variants are swept).",
@@ -44,12 +48,8 @@ flags.DEFINE_list("variants", None, "Variant names of the config file, e.g. cacl
 flags.DEFINE_list("seeds", ["0"], "Seeds, e.g. 0,1,2.")
 flags.DEFINE_string("eval_config", None, "Evaluation config for configs without `eval_after`.")
 flags.DEFINE_multi_string("eval_override", [], "KEY=VALUE for the evaluation config (repeatable).")
+flags.DEFINE_string("reference", "mocov2", "Variant that the paired differences are taken to.")
 flags.mark_flags_as_required(["config", "workdir", "variants"])
-
-RANDOM_INIT = "random init"
-SUPERVISED = "supervised (labels)"
-# The instrument's criteria (SPEC §10), checked on the floor and ceiling rows when a sweep has them.
-CEILING_MIN, FLOOR_SHARE, STD_SHARE = 40.0, 0.5, 1 / 8
 
 
 # ---------------------------------------------------------------- one run
@@ -97,13 +97,19 @@ def record(variant: str, seed: int, run: str, chained: bool) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       res = json.load(f)
-    row.update(status="done", miou=res["miou"], macc=res["macc"])
-    if "random_init" in res:
-      row["random_init_miou"] = res["random_init"]["miou"]
-    if "supervised" in res:
-      row["supervised_miou"] = res["supervised"]["miou"]
+    row.update(status="done", miou=res["miou"], macc=res["macc"], protocols=protocol_mious(res))
+    for part in ("random_init", "supervised"):
+      if part in res:
+        row[part] = protocol_mious(res[part])
+        row[f"{part}_miou"] = res[part]["miou"]
     row["final_metrics"] = last_metrics(run)
   return row
+
+
+def protocol_mious(res: dict) -> dict[str, float]:
+  """{'linear': mIoU, and 'cluster' / 'retrieval' where results.json carries them}."""
+  return {"linear": res["miou"],
+          **{p: res[p]["miou"] for p in ("cluster", "retrieval") if p in res}}
 
 
 def execute(cmds: list[list[str]], run: str) -> tuple[int, str]:
@@ -125,99 +131,23 @@ def execute(cmds: list[list[str]], run: str) -> tuple[int, str]:
 
 # ---------------------------------------------------------------- the summary
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-  n = len(values)
-  mean = sum(values) / n
-  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-  return mean, std
-
-
-def summarise(rows: list[dict], variants: list[str], paper: dict[str, float]) -> dict:
-  """variant → {miou_mean, miou_std, macc_mean, n, seeds, paper}; plus the random-init row
-  when the runs report one."""
-  out = {}
-  for v in variants:
-    done = [r for r in rows if r["variant"] == v and r["status"] == "done"]
-    if done:
-      m, s = mean_std([r["miou"] for r in done])
-      a, _ = mean_std([r["macc"] for r in done])
-      out[v] = {"miou_mean": m, "miou_std": s, "macc_mean": a, "n": len(done),
-                "mious": [r["miou"] for r in done], "paper": paper.get(v)}
-  # The floor and the ceiling depend on the seed only (not on the variant): one value per seed.
-  for name, key in ((RANDOM_INIT, "random_init_miou"), (SUPERVISED, "supervised_miou")):
-    per_seed = {}
-    for r in rows:
-      if r["status"] == "done" and key in r:
-        per_seed.setdefault(r["seed"], r[key])
-    if per_seed:
-      m, s = mean_std(list(per_seed.values()))
-      out[name] = {"miou_mean": m, "miou_std": s, "n": len(per_seed),
-                   "mious": list(per_seed.values()), "paper": None}
-  return out
-
-
-def instrument_lines(summary: dict, reference: str = "mocov2") -> list[str]:
-  """SPEC §10's criteria on the sweep's own floor, ceiling and `reference` rows."""
-  if RANDOM_INIT not in summary or SUPERVISED not in summary:
-    return []
-  floor, ceiling = summary[RANDOM_INIT], summary[SUPERVISED]
-  span = ceiling["miou_mean"] - floor["miou_mean"]
-  lines = ["", "Instrument (SPEC §10): "
-           f"ceiling {ceiling['miou_mean']:.1f} (≥ {CEILING_MIN:.0f}: "
-           f"{'yes' if ceiling['miou_mean'] >= CEILING_MIN else 'NO'}); "
-           f"floor {floor['miou_mean']:.1f} (≤ ½ ceiling = {FLOOR_SHARE * ceiling['miou_mean']:.1f}: "
-           f"{'yes' if floor['miou_mean'] <= FLOOR_SHARE * ceiling['miou_mean'] else 'NO'}); "
-           f"std allowed ⅛ × (ceiling − floor) = {STD_SHARE * span:.2f}"]
-  for name in (RANDOM_INIT, reference):
-    if name in summary and summary[name]["n"] > 1:
-      ok = summary[name]["miou_std"] <= STD_SHARE * span
-      lines.append(f"- std of {name}: {summary[name]['miou_std']:.2f} ({'yes' if ok else 'NO'})")
-  return lines
-
-
-def markdown(summary: dict, header: str) -> str:
-  lines = [header, "", "| variant | linear-probe mIoU (mean ± std) | seeds | mAcc | paper (Cityscapes, R18) |",
-           "|---|---|---|---|---|"]
-  for name, s in sorted(summary.items(), key=lambda kv: -kv[1]["miou_mean"]):
-    paper = f"{s['paper']:.1f}" if s.get("paper") is not None else "–"
-    macc = f"{s['macc_mean']:.1f}" if "macc_mean" in s else "–"
-    seeds = ", ".join(f"{x:.1f}" for x in s["mious"])
-    lines.append(f"| {name} | {s['miou_mean']:.1f} ± {s['miou_std']:.1f} | {seeds} | {macc} | {paper} |")
-  return "\n".join(lines + instrument_lines(summary)) + "\n"
-
-
-def bar_chart(summary: dict, path: str, title: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  names = list(summary)
-  fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
-  means = [summary[n]["miou_mean"] for n in names]
-  stds = [summary[n]["miou_std"] for n in names]
-  ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#7aa6c2")
-  for i, n in enumerate(names):
-    ax.plot([i] * len(summary[n]["mious"]), summary[n]["mious"], "k.", alpha=0.6)
-  ax.set_xticks(range(len(names)), names, rotation=20)
-  ax.set_ylabel("linear-probe mIoU (%)")
-  ax.set_title(title, fontsize=9)
-  ax.grid(axis="y", alpha=0.3)
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  plt.close(fig)
-
-
 def write_outputs(workdir: str, rows: list[dict], variants: list[str], paper: dict, args: dict):
-  summary = summarise(rows, variants, paper)
+  """sweep.json, sweep.md and sweep.png from the rows so far; returns (summary, paired)."""
+  reference = args["reference"]
+  summary = summary_lib.summarise(rows, variants, paper)
+  pairs = summary_lib.paired(rows, variants, reference)
   header = (f"Sweep `{args['command']}`\n\n{sum(r['status'] == 'done' for r in rows)} of "
             f"{len(rows)} runs done.")
   tmp = os.path.join(workdir, "sweep.json.tmp")
   with open(tmp, "w") as f:
-    json.dump({"args": args, "runs": rows, "summary": summary}, f, indent=1)
+    json.dump({"args": args, "runs": rows, "summary": summary, "paired": pairs}, f, indent=1)
   os.replace(tmp, os.path.join(workdir, "sweep.json"))
   with open(os.path.join(workdir, "sweep.md"), "w") as f:
-    f.write(markdown(summary, header))
+    f.write(summary_lib.markdown(summary, pairs, header, reference))
   if summary:
-    bar_chart(summary, os.path.join(workdir, "sweep.png"), args["command"][:120])
-  return summary
+    summary_lib.figure(summary, pairs, os.path.join(workdir, "sweep.png"), args["command"][:120],
+                       reference)
+  return summary, pairs
 
 
 # ---------------------------------------------------------------- main
@@ -252,13 +182,17 @@ def main(argv):
       module.get_config(v)
     except (ValueError, KeyError, TypeError) as e:
       sys.exit(f"sweep: error: {config_file}:{v}: {e}")
+  if FLAGS.reference not in FLAGS.variants:
+    print(f"sweep: note: the reference {FLAGS.reference!r} is not among the variants: no paired "
+          "differences", flush=True)
   overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
   workdir = FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   paper = dict(getattr(module, "PAPER_MIOU", {}))
   args = {"command": " ".join(["python -m cacl_jax.sweep", *sys.argv[1:]]),
           "config": config_file, "variants": FLAGS.variants, "seeds": seeds, "overrides": overrides,
-          "eval_config": FLAGS.eval_config, "eval_overrides": FLAGS.eval_override}
+          "eval_config": FLAGS.eval_config, "eval_overrides": FLAGS.eval_override,
+          "reference": FLAGS.reference}
   plan = [(v, s) for s in seeds for v in FLAGS.variants]   # seed-major: early rows are comparable
   eval_config = None if chained else FLAGS.eval_config
   # The demo's supervised row (the ceiling) depends on the seed, not on the variant: the first
@@ -284,16 +218,22 @@ def main(argv):
         row.update(status="failed", exit_code=code, last_line=last)
         print(f"[{k}/{len(plan)}] {variant} seed {seed} FAILED (exit {code}): {last}", flush=True)
       else:
-        print(f"[{k}/{len(plan)}] {variant} seed {seed}: mIoU {row['miou']:.1f} "
+        print(f"[{k}/{len(plan)}] {variant} seed {seed}: mIoU {_mious(row)} "
               f"({_hms(durations[-1])})", flush=True)
     else:
-      print(f"[{k}/{len(plan)}] {variant} seed {seed}: done already, mIoU {row['miou']:.1f}", flush=True)
+      print(f"[{k}/{len(plan)}] {variant} seed {seed}: done already, mIoU {_mious(row)}",
+            flush=True)
     rows.append(row)
-    summary = write_outputs(workdir, rows, FLAGS.variants, paper, args)
-  print("\n" + markdown(summary, f"sweep of {len(plan)} runs in {workdir}"), flush=True)
+    summary, pairs = write_outputs(workdir, rows, FLAGS.variants, paper, args)
+  print("\n" + summary_lib.markdown(summary, pairs, f"sweep of {len(plan)} runs in {workdir}",
+                                    FLAGS.reference), flush=True)
   print(f"written: {os.path.join(workdir, 'sweep.json')}, sweep.md, sweep.png", flush=True)
   if failed:
     sys.exit(f"sweep: error: {failed} of {len(plan)} runs failed (see their log.txt)")
+
+
+def _mious(row: dict) -> str:
+  return ", ".join(f"{p} {v:.1f}" for p, v in row["protocols"].items())
 
 
 def _hms(seconds: float) -> str:

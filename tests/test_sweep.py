@@ -1,5 +1,5 @@
 """`python -m cacl_jax.sweep`: two tiny variants end to end, the summary files, resumption,
-and one-line errors."""
+one-line errors, and the paired differences with their t intervals."""
 import json
 import os
 import subprocess
@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from cacl_jax import sweep_summary
 import tiny
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_sweep.py")
@@ -28,6 +29,10 @@ def test_two_variants_end_to_end_then_resume(tmp_path):
     assert r["workdir"] == str(tmp_path / name / "seed_3")
     saved = json.load(open(tmp_path / name / "seed_3" / "linear_eval" / "results.json"))
     assert r["miou"] == saved["miou"] and r["random_init_miou"] == saved["random_init"]["miou"]
+    # The three protocols of the demo's evaluation, for the run and for its floor.
+    for protocol in ("cluster", "retrieval"):
+      assert r["protocols"][protocol] == saved[protocol]["miou"]
+      assert r["random_init"][protocol] == saved["random_init"][protocol]["miou"]
     assert r["final_metrics"]["step"] == 4
   # The override and the seed reached the runs; the variant set its own loss weights.
   log = open(tmp_path / "mocov2" / "seed_3" / "log.txt").read()
@@ -41,8 +46,19 @@ def test_two_variants_end_to_end_then_resume(tmp_path):
   assert "supervised_miou" in runs["cacl"] and "supervised_miou" not in runs["mocov2"]
   assert "supervised" not in json.load(open(tmp_path / "mocov2" / "seed_3" / "linear_eval" /
                                             "results.json"))
+  retrieved = runs["cacl"]["protocols"]["retrieval"]
+  assert summary["cacl"]["protocols"]["retrieval"]["values"] == [retrieved]
+  # The ceiling's backbone is evaluated by retrieval too.
+  assert set(runs["cacl"]["supervised"]) == {"linear", "retrieval"}
+  # Paired to the default reference, mocov2: one seed gives a difference but no interval.
+  pair = result["paired"]["retrieval"]["cacl"]
+  assert pair["seeds"] == [3] and pair["verdict"] == "one seed" and pair["low"] is None
+  assert pair["differences"] == [pytest.approx(runs["cacl"]["protocols"]["retrieval"]
+                                               - runs["mocov2"]["protocols"]["retrieval"])]
+  assert set(result["paired"]) == {"linear", "cluster", "retrieval"}
   md = open(tmp_path / "sweep.md").read()
   assert "| cacl |" in md and "| mocov2 |" in md and "38.2" in md
+  assert "| retrieval | cacl |" in md and "| linear | random init |" in md
   assert "| supervised (labels) |" in md and "Instrument (SPEC §10): ceiling" in md
   assert os.path.getsize(tmp_path / "sweep.png") > 5000
   # Rerun: nothing is trained again.
@@ -60,3 +76,25 @@ def test_bad_arguments_are_one_line(tmp_path, args, message):
   assert out.returncode != 0
   lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
   assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_paired_intervals_are_student_t_over_the_seeds():
+  """d = (1, 2, 3): mean 2, sd 1, t(0.975, 2) = 4.3027 → 2 ± 2.484 contains 0; d + 2 does not."""
+  d = sweep_summary.paired_interval([1.0, 2.0, 3.0])
+  assert d["mean"] == 2.0 and d["n"] == 3 and d["verdict"] == "not resolved"
+  assert (d["low"], d["high"]) == pytest.approx((2 - 2.48414, 2 + 2.48414), abs=1e-4)
+  assert sweep_summary.paired_interval([3.0, 4.0, 5.0])["verdict"] == "above"
+  assert sweep_summary.paired_interval([-3.0, -4.0, -5.0])["verdict"] == "below"
+  # Pairs are taken seed by seed: a seed that the reference lacks is left out.
+  rows = [{"variant": v, "seed": s, "status": "done", "miou": m, "macc": 0.0,
+           "protocols": {"linear": m, "retrieval": m + 1}, "random_init": {"linear": 10.0 + s}}
+          for v, s, m in [("mocov2", 0, 20.0), ("mocov2", 1, 22.0), ("cacl", 0, 15.0),
+                          ("cacl", 1, 19.0), ("cacl", 2, 30.0)]]
+  pairs = sweep_summary.paired(rows, ["cacl", "mocov2"], "mocov2")
+  assert pairs["linear"]["cacl"]["differences"] == [-5.0, -3.0]
+  assert pairs["linear"]["cacl"]["seeds"] == [0, 1] and pairs["retrieval"]["cacl"]["mean"] == -4.0
+  assert pairs["linear"]["random init"]["differences"] == [-10.0, -11.0]
+  assert "random init" not in pairs["retrieval"]
+  summary = sweep_summary.summarise(rows, ["cacl", "mocov2"], {})
+  assert summary["cacl"]["protocols"]["retrieval"]["values"] == [16.0, 20.0, 31.0]
+  assert summary["random init"]["mious"] == [10.0, 11.0, 12.0]
