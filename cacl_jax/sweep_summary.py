@@ -207,6 +207,7 @@ def figure(summary: dict, pairs: dict, path: str, title: str, reference: str = "
                       fmt="o", color="#c2410c", capsize=4)
         ax.plot([i] * len(d["differences"]), d["differences"], "k.", alpha=0.6)
       ax.axhline(0.0, color="k", lw=0.8)
+      ax.set_xlim(-0.5, max(len(diffs), 2) - 0.5)
       ax.set_xticks(range(len(diffs)), list(diffs), rotation=25, ha="right", fontsize=8)
       ax.set_ylabel(f"− {reference}, {p} (95 % t)")
       ax.grid(axis="y", alpha=0.3)
