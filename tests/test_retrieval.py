@@ -159,6 +159,15 @@ def test_memory_crops_are_the_reference_augmentation():
   # Nearest-neighbour label resampling, no flip: columns stay column indices, increasing.
   assert set(np.unique(a["label"])) <= set(range(60))
   assert (np.diff(a["label"][0].astype(int)) >= 0).all()
+  # Each image's crop depends on (seed, epoch, its index) only: two processes' shards hold the
+  # single process' crops, fillers (index −1) close the last batch.
+  source = [{"image": image, "label": label}] * 5
+  one = list(retrieval.memory_batches(source, 16, 0, 0, 4, 0))
+  two = [list(retrieval.memory_batches(source, 16, 0, 0, 2, 0, p, 2)) for p in (0, 1)]
+  assert [b["index"].tolist() for b in one] == [[0, 1, 2, 3], [4, -1, -1, -1]]
+  assert [[b["index"].tolist() for b in p] for p in two] == [[[0, 2], [4, -1]], [[1, 3], [-1, -1]]]
+  np.testing.assert_array_equal(two[1][0]["image"][1], one[0]["image"][3])
+  assert (one[1]["label"][1:] == 255).all()
   # Hue shifts wrap around the uint8 hue circle, as torchvision's PIL adjust_hue.
   red = Image.fromarray(np.full((2, 2, 3), (255, 0, 0), np.uint8))
   shifted = np.asarray(retrieval._adjust_hue(red, -0.1))[0, 0]

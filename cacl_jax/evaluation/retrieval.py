@@ -25,9 +25,8 @@ Settings follow the open re-implementation vpariza/open-hummingbird-eval (`hbird
    reference's Hungarian re-matching of predicted to true classes is not applied: labels are
    transferred, not discovered).
 
-Deterministic: the crops depend on (seed, epoch, image index) and the cell sampling on (seed,
-epoch, batch), not on the number of devices or processes; nothing is trained, so there is
-nothing to checkpoint.
+Deterministic: the crops and the cell sampling depend on (seed, epoch, image index) only, not on
+the number of devices or processes; nothing is trained, so there is nothing to checkpoint.
 """
 from __future__ import annotations
 
@@ -103,7 +102,8 @@ class _MemoryCrop(grain.transforms.MapWithIndex):
 
   def map_with_index(self, i: int, element):
     index = self.process_index + i * self.process_count
-    return memory_crop(element, np.random.default_rng([self.seed, self.epoch, index]), self.size)
+    crop = memory_crop(element, np.random.default_rng([self.seed, self.epoch, index]), self.size)
+    return {**crop, "index": np.int32(index)}
 
 
 def memory_batches(source, size: int, seed: int, epoch: int, batch_size: int, num_workers: int,
@@ -111,8 +111,8 @@ def memory_batches(source, size: int, seed: int, epoch: int, batch_size: int, nu
   """This process' memory crops of one epoch, in order, in batches of `batch_size`.
 
   Yields `segdata.num_val_steps(len(source), batch_size, process_count)` dicts {'image': uint8
-  [b, S, S, 3], 'label': uint8 [b, S, S]}; the last batches are filled with all-255 crops, which
-  add nothing to the memory.
+  [b, S, S, 3], 'label': uint8 [b, S, S], 'index': int32 [b] (the image's index in `source`)};
+  the last batches are filled with all-255 crops (index −1), which add nothing to the memory.
   """
   ds = grain.MapDataset.source(source)[process_index::process_count].map_with_index(
       _MemoryCrop(size, seed, epoch, process_index, process_count))
@@ -121,12 +121,11 @@ def memory_batches(source, size: int, seed: int, epoch: int, batch_size: int, nu
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   it = iter(it)
   filler = {"image": np.full((size, size, 3), segdata.MEAN_RGB, np.uint8),
-            "label": np.full((size, size), IGNORE_LABEL, np.uint8)}
+            "label": np.full((size, size), IGNORE_LABEL, np.uint8), "index": np.int32(-1)}
   try:
     for _ in range(segdata.num_val_steps(len(source), batch_size, process_count)):
       items = [next(it, filler) for _ in range(batch_size)]
-      yield {"image": np.stack([x["image"] for x in items]),
-             "label": np.stack([x["label"] for x in items])}
+      yield {key: np.stack([x[key] for x in items]) for key in ("image", "label", "index")}
   finally:
     if hasattr(it, "close"):
       it.close()
@@ -168,7 +167,8 @@ def make_steps(backbone: resnet.ResNet, mesh, num_classes: int, per_crop: int, k
 
   The bank is (keys [B, S, n, C], values [B, S, n, L], valid [B, S, n]): memory batch s's crop b,
   its n kept cells; sharded along B, so each device keeps the cells of the crops it embedded.
-  memorise(variables, bank, step, key, batch) -> bank with slot `step` written (bank donated)
+  memorise(variables, bank, step, key, batch) -> bank with slot `step` written (bank donated);
+    the cells of image i are sampled with the key fold_in(key, i)
   evaluate(variables, bank, batch) -> (int32 [L, L] summed over the mesh, uint8 [B, H, W]
     predictions): one program for both, the predictions being read for the figure only
   """
@@ -185,7 +185,10 @@ def make_steps(backbone: resnet.ResNet, mesh, num_classes: int, per_crop: int, k
     values, valid = dense_nn.patch_labels(batch["label"], num_classes)
     values, valid = values.reshape(b, h * w, num_classes), valid.reshape(b, h * w)
     if per_crop < h * w:
-      scores = dense_nn.cell_scores(values, valid, jax.random.uniform(key, (b, h * w)))
+      # One key per image (not per batch position): the same cells whatever the batches hold.
+      uniform = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (h * w,)))(
+          batch["index"])
+      scores = dense_nn.cell_scores(values, valid, uniform)
       keep = dense_nn.keep_cells(scores, per_crop)
       f = jnp.take_along_axis(f, keep[..., None], axis=1)
       values = jnp.take_along_axis(values, keep[..., None], axis=1)
@@ -267,13 +270,12 @@ def retrieval_probe(config: ml_collections.ConfigDict, backbone_params: Any,
   steps_per_epoch = segdata.num_val_steps(len(train_source), per_process, pc)
   bank = empty_bank(mesh, config.batch_size, epochs * steps_per_epoch, per_crop,
                     backbone.num_features, len(class_names))
-  key = jax.random.key(config.seed)
   step = 0
   for epoch in range(epochs):
+    key = jax.random.fold_in(jax.random.key(config.seed), epoch)
     for batch in memory_batches(train_source, size, config.seed, epoch, per_process,
                                 int(config.data.get("num_workers", 0)), pi, pc):
-      bank = memorise(variables, bank, jnp.int32(step), jax.random.fold_in(key, step),
-                      parallel.host_to_global(mesh, batch))
+      bank = memorise(variables, bank, jnp.int32(step), key, parallel.host_to_global(mesh, batch))
       step += 1
   memory = int(jnp.sum(bank[2]))
   if memory < k:
