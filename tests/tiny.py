@@ -106,13 +106,16 @@ def main_command(workdir, *args: str, config: str = CONFIG) -> list[str]:
 
 
 def start_main(workdir, *args: str, log: str, num_devices: int = 8,
-               compile_cache: bool = True, config: str = CONFIG) -> subprocess.Popen:
+               compile_cache: bool = True, config: str = CONFIG,
+               extra_env: dict[str, str] | None = None) -> subprocess.Popen:
   """`python -m cacl_jax.main` on the tiny config in the background, stdout and stderr to the
-  file `log` (a pipe that nobody reads while waiting could fill up and stall the child)."""
+  file `log` (a pipe that nobody reads while waiting could fill up and stall the child);
+  `extra_env` is added to its environment (a cluster's variables)."""
   with open(log, "w") as out:   # the child keeps its own descriptor
     # Its own process group: a kill reaches its grain workers too, as a preempted VM's would.
     proc = subprocess.Popen(main_command(workdir, *args, config=config), cwd=ROOT,
-                            env=env(num_devices, compile_cache), start_new_session=True,
+                            env={**env(num_devices, compile_cache), **(extra_env or {})},
+                            start_new_session=True,
                             stdout=out, stderr=subprocess.STDOUT, text=True)
   proc.log_path = log
   return proc
@@ -137,6 +140,15 @@ def children(pid: int) -> list[tuple[int, str]]:
     found += kids
     frontier = kids
   return [(p, cmdline.get(p, "")) for p in found]
+
+
+def running(pid: int) -> bool:
+  """Whether `pid` is a live process (not gone, and not a zombie waiting to be reaped)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -8,7 +8,7 @@ The data stream is global and a function of (seed, step) alone (elastic: any pro
     process i of P reads rows [i·B/P, (i+1)·B/P) of each global batch, and decodes only those
 
     MapDataset.range(∞) -> random_map(PairSampler) -> batch(B/P) -> [(start·P + i)::P]
-      -> to_iter_dataset() [-> mp_prefetch(num_workers)] -> map(SkipReport)
+      -> to_iter_dataset() [-> mp_prefetch(num_workers) -> map(in_own_memory)] -> map(SkipReport)
 
 so 1, 2 or 256 processes assemble the same global batches (`make_array_from_process_local_data`
 puts process i's rows where its devices sit), and a run resumed at step S on any number of
@@ -36,7 +36,10 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import signal
 import sys
+import threading
+import time
 from typing import Any
 
 import grain
@@ -211,5 +214,43 @@ def make_pretrain_dataset(data_config: Any, *, global_batch_size: int, process_i
                                             prefetch_buffer_size=prefetch))
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=prefetch))
+                                                     per_worker_buffer_size=prefetch),
+                        worker_init_fn=worker_init).map(in_own_memory)
   return ds.map(skip_report if skip_report is not None else SkipReport())
+
+
+def in_own_memory(batch: dict[str, Any]) -> dict[str, Any]:
+  """A batch from grain's workers, copied out of shared memory (the blocks go at once).
+
+  A worker hands its arrays over in shared-memory blocks, unlinked only when the last array
+  viewing one is garbage-collected. The trainer keeps views of one batch for the whole run
+  (the diagnostics' pairs; a CPU device array may alias host memory), and a block still viewed
+  when the interpreter exits is never unlinked: Python's resource tracker removes it and warns
+  of "leaked shared_memory objects". One memcpy per batch makes every block short-lived.
+  """
+  return {k: np.array(v) if isinstance(v, grain.multiprocessing.SharedMemoryArray) else v
+          for k, v in batch.items()}
+
+
+def worker_init(worker_index: int, worker_count: int) -> None:
+  """Start-up of each grain worker process (`mp_prefetch(worker_init_fn=...)`).
+
+  Signals are the parent's: a preempted job (SLURM, GCE, Kubernetes) and Ctrl-C signal the
+  whole process group, and a worker that died of it would take the batches it holds in shared
+  memory with it, never unlinked (Python's resource tracker warns of "leaked shared_memory
+  objects" at shutdown), and could make the parent's next batch fail before it saves. So a
+  worker ignores SIGTERM and SIGINT and lives until the parent closes the iterator, which
+  stops it and unlinks every buffered batch. Should the parent die without closing it
+  (SIGKILL), the worker exits by itself within a second.
+  """
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+                   name='exit-with-parent').start()
+
+
+def _exit_with_parent(parent: int) -> None:
+  while os.getppid() == parent:   # an orphan is re-parented (to init or a subreaper)
+    time.sleep(1.0)
+  os._exit(0)   # pylint: disable=protected-access

@@ -23,6 +23,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from cacl_jax.data import pipeline
+
 IGNORE_LABEL = 255
 # ImageNet mean colour: normalises to ~0, so padding looks like "no signal" to the network.
 MEAN_RGB = (124, 116, 104)
@@ -148,10 +150,13 @@ def _read_options(num_workers: int) -> grain.ReadOptions:
 
 
 def _prefetch(ds: grain.IterDataset, num_workers: int, prefetch: int) -> grain.IterDataset:
+  """`num_workers` grain worker processes, which leave signals to this process and hand
+  their batches over out of shared memory (`pipeline.worker_init`, `pipeline.in_own_memory`)."""
   if num_workers <= 0:
     return ds
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=prefetch))
+                                                     per_worker_buffer_size=prefetch),
+                        worker_init_fn=pipeline.worker_init).map(pipeline.in_own_memory)
 
 
 def train_dataset(source, data_config, batch_size: int, seed: int,
