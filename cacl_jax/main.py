@@ -4,8 +4,11 @@
     python -m cacl_jax.main --config configs/cacl_r18_kinetics.py --workdir DIR --config.data.root=DATA
     python -m cacl_jax.main --config configs/cacl_r18_kinetics.py:mocov2 --workdir DIR ...   # a variant
 
-Resumes by itself from DIR/checkpoints. Multi-host: on Cloud TPU pods the peers are found
-automatically; elsewhere pass --coordinator_address HOST:PORT --num_processes N --process_id I.
+Resumes by itself from DIR/checkpoints. Multi-host: run the same command in every process. A
+process whose environment describes a job of several processes (a Cloud TPU pod, `srun` under
+SLURM, `mpirun`, a Kubernetes Indexed Job) joins the others through jax.distributed.initialize();
+elsewhere pass --coordinator_address HOST:PORT --num_processes N --process_id I (explicit flags
+always win); alone, a process runs single-host (`parallel.initialize_distributed`).
 A config that chains an evaluation (`eval_after`, as configs/demo.py does) runs it afterwards
 (`--pretrain_only` skips it).
 
@@ -25,9 +28,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Pretraining config file (file.py or file.py:variant).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, events, figures.")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host, non-TPU).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, non-TPU).")
-flags.DEFINE_integer("process_id", None, "This process' id (multi-host, non-TPU).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host outside a "
+                    "TPU pod / SLURM / Open MPI / Kubernetes job, which are detected).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process' id (with --coordinator_address).")
 flags.DEFINE_bool("pretrain_only", False, "Skip the config's chained evaluation (eval_after); "
                   "a later run of the same command without it evaluates the finished run.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -44,7 +48,10 @@ def main(argv):
   # inside the loop train.run takes it over to save the step first.
   signal.signal(signal.SIGTERM, _preempted)
   try:
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+      parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as e:   # flags given in part, a cluster JAX cannot join
+      raise train.UsageError(str(e)) from None
     train.run(config, FLAGS.workdir)
     if config.eval_after and not FLAGS.pretrain_only:
       demo.evaluate_after_pretraining(config, FLAGS.workdir)

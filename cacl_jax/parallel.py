@@ -6,8 +6,10 @@ the negative queues along K, everything else is replicated.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 
+from absl import logging
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -15,29 +17,69 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA = "data"
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-  """Starts multi-host JAX once.
+# The variables JAX's own cluster detection reads (jax/_src/clusters/), by environment.
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
-  On Cloud TPU pods `jax.distributed.initialize()` finds its peers by itself (call with no
-  arguments and TPU env); elsewhere pass the coordinator `HOST:PORT`, the number of processes
-  and this process' id. A single process without a coordinator does nothing.
+
+def cluster_environment(environ=None) -> str | None:
+  """The multi-process job this process belongs to, as its environment describes it: 'Cloud TPU',
+  'SLURM', 'Open MPI', 'Kubernetes', or None (a process on its own).
+
+  The variables are those `jax.distributed.initialize()` reads to find its peers. A job of one
+  task is not a cluster: there JAX's detection would also restrict the process to one GPU
+  (SLURM_LOCALID), while alone it should keep every GPU of the host. A pod outside an Indexed
+  Job (a notebook, a service) is not one either: JAX could not find a job to join.
   """
-  if coordinator_address:
-    if num_processes is None or process_id is None:
-      raise ValueError("--coordinator_address needs --num_processes and --process_id")
+  env = os.environ if environ is None else environ
+  count = lambda key: int(env[key]) if env.get(key, "").isdigit() else 0
+  if _on_tpu_pod(env):
+    return "Cloud TPU"
+  if all(key in env for key in SLURM_VARS) and count("SLURM_NTASKS") > 1:
+    return "SLURM"
+  if "OMPI_MCA_orte_hnp_uri" in env and count("OMPI_COMM_WORLD_SIZE") > 1:
+    return "Open MPI"
+  if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env:
+    return "Kubernetes"
+  return None
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> str | None:
+  """Starts multi-host JAX once; returns how the processes were joined (None: alone).
+
+  Explicit flags win: `HOST:PORT` of process 0, the number of processes and this process' id,
+  with JAX's environment detection off (under srun it would otherwise restrict each process to
+  GPU SLURM_LOCALID, wrong for one process per host). Without them, a process whose environment
+  describes a cluster (`cluster_environment`: TPU pod, SLURM, Open MPI, Kubernetes) joins it
+  through `jax.distributed.initialize()`, which reads the layout from that environment (on
+  SLURM: one process per GPU, process i of a node driving its GPU i); otherwise it runs alone.
+  """
+  flags = (coordinator_address, num_processes, process_id)
+  if any(f is not None for f in flags):
+    if any(f is None for f in flags):
+      raise ValueError("--coordinator_address, --num_processes and --process_id go together")
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
-  elif _on_tpu_pod():
+                               num_processes=num_processes, process_id=process_id,
+                               cluster_detection_method="deactivate")
+    return "flags"
+  cluster = cluster_environment()
+  if cluster == "Kubernetes" and importlib.util.find_spec("kubernetes") is None:
+    raise ValueError("this pod belongs to a Kubernetes Indexed Job, and JAX needs the kubernetes "
+                     "package to find its peers: pip install 'jax[k8s]', or pass "
+                     "--coordinator_address, --num_processes and --process_id")
+  if cluster is not None:
     jax.distributed.initialize()
+    logging.info("joined a %s job through jax.distributed: process %d of %d", cluster,
+                 jax.process_index(), jax.process_count())
+  return cluster
 
 
-def _on_tpu_pod() -> bool:
+def _on_tpu_pod(env) -> bool:
   """A Cloud TPU VM: TPU device files (/dev/accel* up to v4, /dev/vfio/N from v5) or the pod
   variables GKE / multislice set. jax.distributed.initialize() then reads the pod's layout
   from the TPU metadata server (one host is a 1-process 'pod')."""
   return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
-              or os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+              or env.get("TPU_WORKER_HOSTNAMES") or env.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

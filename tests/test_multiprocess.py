@@ -1,22 +1,27 @@
 """`jax.distributed` processes on 127.0.0.1 (fake CPU devices) running `python -m cacl_jax.main`
-on the tiny config (tests/tiny.py): preemption, and the elastic resume the global data stream
-allows.
+on the tiny config (tests/tiny.py): preemption, a cluster start without flags, and the elastic
+resume the global data stream allows.
 
-The first launch, 2 processes × 2 devices, is preempted: SIGTERM reaches process 1 only, as when
-one host of a pod is told first; both processes must stop at the same step (the step and the
-save are collectives), save it together and exit 0. Its checkpoint is then resumed two ways: by 1 process (8 devices,
-on a copy) and, in place, by 4 processes (1 device each). The global
-batch of step t is a function of (seed, t) alone (`data/pipeline.py`), so every run logs the
+The first launch, 2 processes × 2 devices with two grain workers each, is preempted as a cluster
+preempts a job, SIGTERM to every process of it, data workers included (`os.killpg`), and here
+host by host: process 1's group first, as when one host of a pod is told first, then process
+0's. Both processes must stop at the same step (the step and the save are collectives), save it
+together, exit 0 and leave no shared memory behind. Its checkpoint is then resumed two ways: by
+1 process (8 devices, on a copy) and, in place, by 4 processes (1 device each) started as `srun
+--ntasks=4` starts them on one node, with SLURM's environment and no coordinator flags. The
+global batch of step t is a function of (seed, t) alone (`data/pipeline.py`), so every run logs the
 `batch_hash` sequence one process computes from the pipeline, preempted or not, and the
 multi-process steps are those of one process with 4 devices given the same state: that
 reference is built and compiled in this test process while the first launch runs, and replays
 one step from each state the processes saved.
 """
 import os
+import random
 import shutil
 import signal
 import socket
 import threading
+import time
 
 import jax
 import numpy as np
@@ -29,6 +34,7 @@ import tiny
 
 T = tiny.TOTAL_STEPS
 HEAD_KEYS = ("loss", "loss_global", "loss_pixel", "loss_cycle")
+TWO_WORKERS = ("--config.data.num_workers=2", "--config.data.prefetch=1")
 
 
 def free_port() -> int:
@@ -37,12 +43,37 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_processes(workdir: str, launch: str, count: int, devices: int):
+def start_processes(workdir: str, launch: str, count: int, devices: int, *args: str):
   port = free_port()
   return [tiny.start_main(workdir, f"--coordinator_address=127.0.0.1:{port}",
-                          f"--num_processes={count}", f"--process_id={i}", tiny.NO_VIZ,
+                          f"--num_processes={count}", f"--process_id={i}", tiny.NO_VIZ, *args,
                           log=f"{workdir}.{launch}.p{i}.log", num_devices=devices,
                           compile_cache=False)
+          for i in range(count)]
+
+
+def slurm_job_id() -> int:
+  """A SLURM_JOB_ID whose coordinator port is free here: JAX's SLURM detection puts the
+  coordinator on the step's first node at port 61440 + SLURM_JOB_ID mod 4096."""
+  while True:
+    offset = random.randrange(4096)
+    with socket.socket() as s:
+      try:
+        s.bind(("", 61440 + offset))
+      except OSError:
+        continue
+    return 4096 * 1000 + offset
+
+
+def start_slurm_tasks(workdir: str, launch: str, count: int):
+  """`count` processes with the environment `srun --ntasks=COUNT` gives the tasks of one node
+  (the variables JAX's SLURM detection reads) and no coordinator flags, 1 device each."""
+  job = str(slurm_job_id())
+  return [tiny.start_main(workdir, tiny.NO_VIZ, log=f"{workdir}.{launch}.p{i}.log", num_devices=1,
+                          compile_cache=False,
+                          extra_env={"SLURM_JOB_ID": job, "SLURM_STEP_NODELIST": "localhost",
+                                     "SLURM_NTASKS": str(count), "SLURM_PROCID": str(i),
+                                     "SLURM_LOCALID": str(i)})
           for i in range(count)]
 
 
@@ -76,18 +107,22 @@ class OneProcessFourDevices:
 def two_processes(tmp_path_factory):
   root = tmp_path_factory.mktemp("multiprocess")
   workdir, one = str(root / "run"), str(root / "on_1_process")
-  first = start_processes(workdir, "1", 2, 2)
+  first = start_processes(workdir, "1", 2, 2, *TWO_WORKERS)
   later = []
   failures = []
+  workers = []
 
-  def preempt_process_1():
+  def preempt_host_by_host():
     try:
       tiny.wait_until(lambda: tiny.last_logged_step(workdir) >= 1, first, "a logged step")
-      first[1].send_signal(signal.SIGTERM)
+      workers.extend(w for p in first for w, cmd in tiny.children(p.pid) if "spawn_main" in cmd)
+      tiny.kill_group(first[1], signal.SIGTERM)
+      time.sleep(0.5)
+      tiny.kill_group(first[0], signal.SIGTERM)
     except AssertionError as e:
       failures.append(str(e))
   try:
-    signaller = threading.Thread(target=preempt_process_1)
+    signaller = threading.Thread(target=preempt_host_by_host)
     signaller.start()
     reference = OneProcessFourDevices()   # builds and compiles while the processes run
     first_step = reference.metrics_after(reference.init_state, 0)
@@ -95,11 +130,12 @@ def two_processes(tmp_path_factory):
     first_out = [tiny.finish(p) for p in first]
     assert not failures, failures
     preempted = {"out": first_out, "committed": tiny.committed_steps(workdir),
-                 "logged": tiny.last_logged_step(workdir)}
+                 "logged": tiny.last_logged_step(workdir), "workers": workers,
+                 "workers_left": [w for w in workers if tiny.running(w)]}
     shutil.copytree(workdir, one)   # the preempted workdir, to resume on 1 process too
     later.append(tiny.start_main(one, tiny.NO_VIZ, log=one + ".log"))   # 1 process, 8 devices
     on_one = tiny.finish(later[0])
-    later += start_processes(workdir, "2", 4, 1)   # in place: 4 processes, 1 device each
+    later += start_slurm_tasks(workdir, "2", 4)   # in place: 4 processes, 1 device each
     on_four = [tiny.finish(p) for p in later[1:]]
     return {"workdir": workdir, "one": one, "preempted": preempted, "on_one": [on_one],
             "on_four": on_four, "reference": reference, "first_step": first_step}
@@ -107,13 +143,16 @@ def two_processes(tmp_path_factory):
     tiny.kill_running(first + later)
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(two_processes):
+def test_sigterm_to_the_process_groups_stops_both_at_the_same_step(two_processes):
   preempted = two_processes["preempted"]
   reached = preempted["logged"]
   assert 0 < reached < T
+  assert len(preempted["workers"]) == 4   # two grain workers per process, signalled too
+  assert preempted["workers_left"] == []   # stopped by their parents, none orphaned
   for code, out in preempted["out"]:
     assert code == 0, out[-3000:]
     assert f"SIGTERM: saved step {reached}, exiting" in out
+    assert "leaked shared_memory" not in out, out[-3000:]   # the resource tracker's warning
   assert "mesh: 4 devices over 2 processes" in preempted["out"][0][1]
   assert preempted["committed"][-1] == reached
   # No iterator state: the step is the data position, whatever the process count.
@@ -158,6 +197,9 @@ def test_a_two_process_checkpoint_resumes_on_1_and_on_4_processes(two_processes,
     assert f"resumed from {checkpoint.checkpoint_dir(workdir)}/{reached}" in out
   assert (f"mesh: {8 if processes == 1 else 4} devices over {processes} processes"
           in two_processes[where][0][1])
+  if where == "on_four":   # SLURM's environment, no flags: one job of 4 processes
+    for i, (_, out) in enumerate(two_processes[where]):
+      assert f"joined a SLURM job through jax.distributed: process {i} of 4" in out
   records = tiny.metrics(workdir)
   assert [r["step"] for r in records] == list(range(1, T + 1))
   assert [r["batch_hash"] for r in records] == two_processes["reference"].hashes
