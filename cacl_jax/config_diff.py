@@ -51,18 +51,18 @@ def _as_json(config: ml_collections.ConfigDict | dict) -> dict:
   return json.loads(json.dumps(config))
 
 
-def _may_change(key: str) -> bool:
-  return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
+def _may_change(key: str, may_change: tuple[str, ...] = MAY_CHANGE) -> bool:
+  return any(key == k or key.startswith(k + ".") for k in may_change)
 
 
-def changed_keys(saved: ml_collections.ConfigDict | dict,
-                 new: ml_collections.ConfigDict | dict) -> list[tuple[str, Any, Any]]:
-  """(key, saved value, new value) for every key outside MAY_CHANGE whose value differs."""
+def changed_keys(saved: ml_collections.ConfigDict | dict, new: ml_collections.ConfigDict | dict,
+                 may_change: tuple[str, ...] = MAY_CHANGE) -> list[tuple[str, Any, Any]]:
+  """(key, saved value, new value) for every key outside `may_change` whose value differs."""
   old, now = flatten(_as_json(saved)), flatten(_as_json(new))
   default = flatten(_as_json(defaults.pretrain_config()))
   changes = []
   for key in sorted(set(old) | set(now)):
-    if _may_change(key):
+    if _may_change(key, may_change):
       continue
     a, b = old.get(key, _ABSENT), now.get(key, _ABSENT)
     if a is _ABSENT and b == default.get(key, _ABSENT):
@@ -77,13 +77,14 @@ def _show(value: Any) -> str:
 
 
 def check_resume(saved: ml_collections.ConfigDict | dict, new: ml_collections.ConfigDict,
-                 checkpoint: str) -> None:
-  """Raises ValueError (one line) if `new` changes a key that changes the run."""
-  changes = changed_keys(saved, new)
+                 checkpoint: str, may_change: tuple[str, ...] = MAY_CHANGE) -> None:
+  """Raises ValueError (one line) if `new` changes a key that changes the run (any key outside
+  `may_change`: pretraining's MAY_CHANGE by default; the evaluation passes its own)."""
+  changes = changed_keys(saved, new, may_change)
   if not changes:
     return
   listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in changes)
   raise ValueError(
       f"the config differs from the one {checkpoint} was saved with: {listed}. These keys "
       f"change the run; resume with the saved values, or start a fresh run with another "
-      f"--workdir (keys that may change on resume: {', '.join(MAY_CHANGE)})")
+      f"--workdir (keys that may change on resume: {', '.join(may_change)})")

@@ -104,6 +104,8 @@ def eval_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.weight_decay = 0.0
   c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000            # the probe's own checkpoints (WORKDIR/checkpoints);
+                                             # also after the last step and on SIGTERM
   c.num_figure_images = 4                    # val samples in the image / GT / prediction grid
   c.protocol = "linear"                      # 'linear' (1×1 conv) | 'cluster' (k-means, no labels)
                                              # | 'retrieval' (nearest-neighbour label transfer)

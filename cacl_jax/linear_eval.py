@@ -6,12 +6,20 @@ cluster protocol) of a pretraining run.
   ... --config.protocol=cluster [--config.cluster.num_clusters=K]   # k-means + Hungarian
 
 Writes DIR/results.json (miou, macc, per_class_iou, per_class_acc, num_images,
-checkpoint_step, checkpoint_path, config), DIR/confusion_matrix.png, DIR/predictions.png and
-DIR/probe_metrics.jsonl. Multi-host outside TPU pods: --coordinator_address HOST:PORT
---num_processes N --process_id I (on TPU pods peers are found automatically).
+checkpoint_step, checkpoint_path, config) when it has finished, DIR/confusion_matrix.png,
+DIR/predictions.png and DIR/probe_metrics.jsonl. The probe keeps its own checkpoints in
+DIR/checkpoints (every `checkpoint_every_steps` steps): on SIGTERM it saves the step reached and
+exits 0, and the same command run again resumes from there (`evaluation/probe_loop.py`).
+Multi-host: run the same command in every process; TPU pods, SLURM (srun), Open MPI and
+Kubernetes Indexed Jobs are joined by themselves, elsewhere pass --coordinator_address
+HOST:PORT --num_processes N --process_id I (`parallel.initialize_distributed`).
+
+Exit codes: 0 when finished or preempted; 1 for a busy workdir; 2 with one `error:` line for
+bad input or a changed config on resume.
 """
 from __future__ import annotations
 
+import signal
 import sys
 
 from absl import app
@@ -22,8 +30,9 @@ from cacl_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results and figures.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, results and figures.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host "
+                                   "outside a TPU pod / SLURM / Open MPI / Kubernetes job).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' id.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -33,11 +42,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing, so that --help and flag mistakes answer at once.
-  from cacl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from cacl_jax import parallel, paths, train  # pylint: disable=g-import-not-at-top
   from cacl_jax.evaluation import probe  # pylint: disable=g-import-not-at-top
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  # SIGTERM outside the probe's training loop (start-up, restore, the evaluation): stop at once,
+  # exit 0, nothing lost; inside the loop the probe takes it over to save the step first.
+  signal.signal(signal.SIGTERM, _preempted)
   try:
-    results = probe.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    with train.workdir_lock(paths.resolve(_WORKDIR.value)):
+      results = probe.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+  except parallel.Preempted as e:
+    print(f"{e}; rerun the same command to continue", flush=True)
+    return
+  except train.UsageError as e:   # another run holds the workdir
+    sys.exit(f"linear_eval: error: {e}")
   except (ValueError, FileNotFoundError) as e:
     # Configuration / input mistakes: one clear line, no traceback.
     print(f"linear_eval: error: {e}", file=sys.stderr)
@@ -45,6 +63,13 @@ def main(argv):
   print(f"{results['mode']}: mIoU {results['miou']:.1f}  mAcc {results['macc']:.1f}  "
         f"pixel acc {results['pixel_acc']:.1f}  "
         f"({results['num_images']} val images, checkpoint step {results['checkpoint_step']})")
+
+
+def _preempted(signum, frame):
+  del signum, frame
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not interrupt the exit
+  from cacl_jax import parallel  # pylint: disable=g-import-not-at-top
+  raise parallel.Preempted("SIGTERM outside the probe's training loop: stopped, nothing lost")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ A config that chains an evaluation (`eval_after`, as configs/demo.py does) runs 
 (`--pretrain_only` skips it).
 
 Exit codes: 0 when the run finished or was preempted (SIGTERM: the step reached is saved, and a
-chained evaluation is left for the rerun that finishes the run); 1 with one `error:` line for
+chained evaluation, whose probes keep their own checkpoints, is resumed by the rerun that
+finishes the run); 1 with one `error:` line for
 bad input, a busy or changed workdir, divergence, a dead data worker or a file-system error.
 """
 import signal
@@ -55,7 +56,7 @@ def main(argv):
     train.run(config, FLAGS.workdir)
     if config.eval_after and not FLAGS.pretrain_only:
       demo.evaluate_after_pretraining(config, FLAGS.workdir)
-  except train.Preempted as e:
+  except (train.Preempted, parallel.Preempted) as e:   # pretraining, or the chained probes
     print(f"{e}; rerun the same command to continue", flush=True)
   except (train.UsageError, train.TrainingDiverged, train.DataWorkerDied, runlock.WorkdirBusy,
           OSError) as e:

@@ -1,5 +1,8 @@
 """WORKDIR/metrics.jsonl: one JSON object per logged step, each step exactly once.
 
+(The evaluation's WORKDIR/probe_metrics.jsonl is the same kind of log: every function takes the
+file's `name`.)
+
 A run appends one line per logged step. What a restart finds there is repaired before the
 run appends again (`repair`, process 0):
 
@@ -32,9 +35,10 @@ def _parse(line: str) -> dict | None:
   return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
-def read(workdir: epath.Path) -> list[dict]:
-  """The complete records of WORKDIR/metrics.jsonl (a partial last line is left out)."""
-  path = epath.Path(workdir) / FILE
+def read(workdir: epath.Path, name: str = FILE) -> list[dict]:
+  """The complete records of WORKDIR/metrics.jsonl (or WORKDIR/`name`; a partial last line is
+  left out)."""
+  path = epath.Path(workdir) / name
   if not path.exists():
     return []
   records = []
@@ -45,10 +49,10 @@ def read(workdir: epath.Path) -> list[dict]:
   return records
 
 
-def repair(workdir: epath.Path, resume_step: int) -> int:
+def repair(workdir: epath.Path, resume_step: int, name: str = FILE) -> int:
   """Keeps the complete records of steps ≤ `resume_step` (0: none); returns how many lines
   were dropped. Rewrites the file only when something must go."""
-  path = epath.Path(workdir) / FILE
+  path = epath.Path(workdir) / name
   if not path.exists():
     return 0
   text = path.read_text()
@@ -62,10 +66,10 @@ def repair(workdir: epath.Path, resume_step: int) -> int:
   return dropped
 
 
-def append(workdir: epath.Path, record: dict) -> None:
+def append(workdir: epath.Path, record: dict, name: str = FILE) -> None:
   """Appends one record as one line (a single write call). Object stores cannot append
   (gcsfs has no 'a' mode): there the object is rewritten whole, a few MB over a long run."""
-  path = epath.Path(workdir) / FILE
+  path = epath.Path(workdir) / name
   line = json.dumps(record) + "\n"
   if paths.is_local(path):
     with path.open("a") as f:

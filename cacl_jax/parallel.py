@@ -8,9 +8,12 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import signal
+import threading
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -80,6 +83,45 @@ def _on_tpu_pod(env) -> bool:
   from the TPU metadata server (one host is a 1-process 'pod')."""
   return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
               or env.get("TPU_WORKER_HOSTNAMES") or env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+class Preempted(Exception):
+  """SIGTERM reached a loop, which saved the step it had reached: the entry exits 0, and the
+  same command run again resumes from that step."""
+
+
+class StopOnSigterm:
+  """`with StopOnSigterm() as stop: ... if stop.after(step): save, raise Preempted`.
+
+  Answers, after each step, whether SIGTERM asks the loop to save and stop there, with the
+  same answer on every process (the step and the save are collectives): a process alone
+  installs a handler that only sets a flag, for the `with` block (the previous handler comes
+  back after it); several processes ask JAX's preemption service (started by
+  jax.distributed.initialize, which takes SIGTERM itself), which agrees on the step at which
+  all of them stop, wherever the signal reached each first. Every process must call `after`
+  at every step.
+  """
+
+  def __enter__(self) -> "StopOnSigterm":
+    self.requested = False
+    # Handlers can only be set from the main thread; elsewhere the caller's handler stays.
+    self._installed = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+    if self._installed:
+      self._previous = signal.signal(signal.SIGTERM, self._request)
+    return self
+
+  def _request(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def after(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def __exit__(self, *exc) -> None:
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

@@ -11,6 +11,8 @@ mean = 0.01·i, var = 1 + 0.1·i) make a restore that silently re-initialised fa
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -22,6 +24,7 @@ from cacl_jax import checkpoint, defaults, optim, parallel, step as step_lib
 from cacl_jax.data import synthetic
 from cacl_jax.evaluation import probe, segdata
 from cacl_jax.models.cacl import model_from_config
+import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 7
@@ -197,28 +200,148 @@ def test_checkpoint_from_eight_devices_evaluates_on_one(pretrained, evaluated, t
   assert cm1.sum() == cm8.sum() == NUM_VAL * 64 * 64
 
 
-def test_finetune_trains_the_backbone_on_the_subset(pretrained, tmp_path):
-  workdir, params, stats = pretrained
-  config = eval_config(workdir)
+def finetune_config(pretrained_dir):
+  """Fine-tuning on half the train split (16 images): 2 epochs of one step, a checkpoint after
+  each step."""
+  config = eval_config(pretrained_dir)
   config.finetune, config.finetune_fraction = True, 0.5
   config.learning_rate, config.weight_decay = 0.05, 1e-4
   config.data.image_size = 32
   config.num_figure_images = 0
-  restored = checkpoint.restore_pretrained(workdir)
-  results, state = probe.run_probe(config, restored.params, restored.batch_stats,
-                                   restored.config.model, parallel.make_mesh(),
-                                   str(tmp_path / "ft"))
+  config.num_epochs, config.checkpoint_every_steps = 2, 1
+  return config
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tmp_path_factory):
+  """(workdir, results, final state) of the fine-tuning probe, uninterrupted."""
+  workdir = str(tmp_path_factory.mktemp("finetune"))
+  restored = checkpoint.restore_pretrained(pretrained[0])
+  results, state = probe.run_probe(finetune_config(pretrained[0]), restored.params,
+                                   restored.batch_stats, restored.config.model,
+                                   parallel.make_mesh(), workdir)
+  return workdir, results, state
+
+
+def test_finetune_trains_the_backbone_on_the_subset(pretrained, finetuned):
+  _, params, stats = pretrained
+  workdir, results, state = finetuned
   assert results["mode"] == "finetune" and results["num_train_images"] == 16
   # Every backbone tensor trained, and the running BN statistics moved (SyncBN, train mode).
   changed = jax.tree.map(lambda a, b: not np.allclose(a, b), jax.device_get(state.backbone), params)
   assert all(jax.tree.leaves(changed))
   moved = jax.tree.map(lambda a, b: not np.allclose(a, b), jax.device_get(state.batch_stats), stats)
   assert all(jax.tree.leaves(moved))
-  with open(tmp_path / "ft" / "finetune_ids.txt") as f:
+  with open(os.path.join(workdir, "finetune_ids.txt")) as f:
     ids = f.read().split()
   source = synthetic.SyntheticSegmentation("train", 32, 64, 0)
   assert ids == [source[int(i)]["id"] for i in segdata.subset_indices(32, 0.5, 0)]
   assert np.isfinite(results["final_loss"]) and results["num_pixels"] == NUM_VAL * 64 * 64
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_a_finetune_stopped_after_its_first_step_resumes_to_the_same_numbers(pretrained,
+                                                                            finetuned, tmp_path,
+                                                                            capsys):
+  """The uninterrupted fine-tuning's workdir as a run killed right after checkpoint 1 would
+  leave it (checkpoint 2 and the log of step 2 gone): the same call resumes from step 1 and
+  ends with the same backbone, BN statistics, head and confusion matrix, bit for bit."""
+  workdir, results, state = finetuned
+  stopped = str(tmp_path / "stopped")
+  shutil.copytree(workdir, stopped)
+  shutil.rmtree(os.path.join(stopped, "checkpoints", "2"))
+  assert tiny.committed_steps(stopped) == [1]
+  restored = checkpoint.restore_pretrained(pretrained[0])
+  resumed, resumed_state = probe.run_probe(finetune_config(pretrained[0]), restored.params,
+                                           restored.batch_stats, restored.config.model,
+                                           parallel.make_mesh(), stopped)
+  assert f"resumed the probe from {checkpoint.checkpoint_dir(stopped)}/1" in capsys.readouterr().out
+  for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(resumed_state))):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["confusion_matrix"] == results["confusion_matrix"]
+  assert resumed["final_loss"] == results["final_loss"]
+  with open(os.path.join(stopped, "probe_metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2]   # each step once
+
+
+def test_a_resume_with_another_config_or_backbone_is_refused_in_one_line(pretrained, finetuned,
+                                                                         tmp_path):
+  workdir, _, _ = finetuned
+  restored = checkpoint.restore_pretrained(pretrained[0])
+  config = finetune_config(pretrained[0])
+  config.learning_rate = 0.1
+  with pytest.raises(ValueError, match=r"learning_rate 0\.05 -> 0\.1\. These keys change the run"):
+    probe.run_probe(config, restored.params, restored.batch_stats, restored.config.model,
+                    parallel.make_mesh(), workdir)
+  other = jax.tree.map(lambda x: x + 1, restored.params)
+  with pytest.raises(ValueError, match="continues a probe of another backbone"):
+    probe.run_probe(finetune_config(pretrained[0]), other, restored.batch_stats,
+                    restored.config.model, parallel.make_mesh(), workdir)
+  with pytest.raises(ValueError, match="is the pretraining run itself"):
+    probe.run_probe(finetune_config(pretrained[0]), restored.params, restored.batch_stats,
+                    restored.config.model, parallel.make_mesh(), pretrained[0])
+
+
+RESUME_EPOCHS = 16   # 32 steps: a SIGTERM after the second logged step lands mid-probe
+
+
+def cli_overrides(pretrained_dir) -> list[str]:
+  """eval_config(pretrained_dir) with RESUME_EPOCHS and a checkpoint every 8 steps, as
+  `linear_eval` flags (the demo's ceiling off, as the issue's check runs it)."""
+  return [f"--config.pretrained={pretrained_dir}", f"--config.num_epochs={RESUME_EPOCHS}",
+          "--config.checkpoint_every_steps=8", "--config.batch_size=16",
+          "--config.eval_batch_size=8", "--config.log_every_steps=1",
+          "--config.num_figure_images=2", "--config.data.eval_pad_size=(72, 72)",
+          "--config.data.synthetic.frame_size=64", "--config.data.synthetic.num_train_images=32",
+          f"--config.data.synthetic.num_val_images={NUM_VAL}", "--config.supervised.num_epochs=0"]
+
+
+def test_linear_eval_stopped_by_sigterm_resumes_to_an_uninterrupted_runs_results(pretrained,
+                                                                                tmp_path):
+  """`python -m cacl_jax.linear_eval`, its process group SIGTERMed after two logged steps:
+  exit 0 with the step reached saved and no results.json; the same command again resumes and
+  writes the results of an uninterrupted probe (run here, in-process, on the same 8 devices)."""
+  config = eval_config(pretrained[0])
+  config.num_epochs, config.checkpoint_every_steps = RESUME_EPOCHS, 8
+  reference = probe.evaluate_checkpoint(config, str(tmp_path / "uninterrupted"))
+  workdir = str(tmp_path / "stopped")
+  command = [sys.executable, "-m", "cacl_jax.linear_eval",
+             "--config", os.path.join(ROOT, "configs", "linear_eval_synthetic.py"),
+             "--workdir", workdir, *cli_overrides(pretrained[0])]
+  log = os.path.join(workdir, "probe_metrics.jsonl")
+  outputs = []
+  for launch in range(2):
+    with open(tmp_path / f"launch{launch}.log", "w") as out:
+      proc = subprocess.Popen(command, cwd=ROOT, env=tiny.env(8), stdout=out,
+                              stderr=subprocess.STDOUT, text=True, process_group=0)
+    try:
+      if launch == 0:
+        tiny.wait_until(lambda: os.path.exists(log) and open(log).read().count("\n") >= 2,
+                        [proc], "two logged probe steps")
+        os.killpg(proc.pid, signal.SIGTERM)
+        stopped_at = len(open(log).read().splitlines())   # the saved step is at or after it
+      proc.wait(timeout=tiny.TIMEOUT)
+    finally:
+      tiny.kill_running([proc])
+    outputs.append((proc.returncode, (tmp_path / f"launch{launch}.log").read_text()))
+    if launch == 0:
+      assert not os.path.exists(os.path.join(workdir, "results.json"))
+      saved = tiny.committed_steps(workdir)
+  (code, out), (code2, out2) = outputs
+  assert code == 0, out[-3000:]
+  reached = saved[-1]
+  assert stopped_at <= reached < 2 * RESUME_EPOCHS, saved
+  assert f"SIGTERM: saved probe step {reached}" in out and "Traceback" not in out
+  assert code2 == 0, out2[-3000:]
+  assert f"resumed the probe from {checkpoint.checkpoint_dir(workdir)}/{reached}" in out2
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  for key in ("miou", "macc", "per_class_iou", "confusion_matrix", "final_loss", "train_steps"):
+    assert results[key] == reference[key], key
+  with open(log) as f:
+    assert [json.loads(line)["step"] for line in f] == list(range(1, 2 * RESUME_EPOCHS + 1))
 
 
 def test_random_backbone_calibrates_bn_statistics():

@@ -13,13 +13,13 @@ fine-tuning batches) and updates its running statistics, which the evaluation us
 
 Everything runs under one `jax.jit` per step on the 1-D 'data' mesh: the batch is sharded,
 parameters and optimiser state are replicated, so the confusion matrix returned by the eval
-step already sums every device of every process.
+step already sums every device of every process. The training loop, its checkpoints and its
+resume after preemption are in `probe_loop.py`.
 """
 from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
 from absl import logging
@@ -36,6 +36,7 @@ from cacl_jax import paths
 from cacl_jax import viz
 from cacl_jax.data import augment
 from cacl_jax.evaluation import metrics as metrics_lib
+from cacl_jax.evaluation import probe_loop
 from cacl_jax.evaluation import segdata
 from cacl_jax.models import resnet
 
@@ -192,49 +193,6 @@ def _local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(s.data) for s in shards])
 
 
-def _log_jsonl(path: str, record: dict) -> None:
-  target = paths.resolve(path)
-  if paths.is_local(path):
-    with target.open("a") as f:
-      f.write(json.dumps(record) + "\n")
-  else:   # object stores cannot append: rewrite the (small) log whole
-    target.write_text((target.read_text() if target.exists() else "") + json.dumps(record) + "\n")
-
-
-def train(state: ProbeState, train_step, batches, mesh, total_steps: int, config,
-          workdir: str, lr_schedule) -> tuple[ProbeState, float]:
-  """Runs `total_steps` steps, logging loss, learning rate, speed and ETA every
-  `log_every_steps` (process 0, console and WORKDIR/probe_metrics.jsonl). Returns the final
-  state and the last logged loss. A non-finite loss stops the run with a clear error."""
-  log_every = max(1, int(config.get("log_every_steps", 50)))
-  t_start, loss = None, float("nan")
-  for step in range(1, total_steps + 1):
-    state, loss_arr = train_step(state, parallel.host_to_global(mesh, next(batches)))
-    if step == 1:
-      loss_arr.block_until_ready()
-      t_start = time.time()   # after compilation, so the ETA measures steady-state steps
-    if step % log_every == 0 or step == total_steps:
-      loss = float(loss_arr)
-      if not np.isfinite(loss):
-        raise FloatingPointError(f"probe loss is {loss} at step {step}; lower learning_rate")
-      rate = (step - 1) / max(time.time() - t_start, 1e-9)
-      eta = (total_steps - step) / rate if rate > 0 else float("nan")
-      record = {"step": step, "loss": loss, "lr": float(lr_schedule(step - 1)),
-                "steps_per_s": round(rate, 3)}
-      if jax.process_index() == 0:
-        logging.info("probe step %d/%d  loss %.4f  lr %.4g  %.2f steps/s  ETA %s", step,
-                     total_steps, loss, record["lr"], rate, _hms(eta))
-        _log_jsonl(os.path.join(workdir, "probe_metrics.jsonl"), record)
-  return state, loss
-
-
-def _hms(seconds: float) -> str:
-  if not np.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def evaluate(state: ProbeState, eval_step, predict, mesh, val_source, config,
              num_figure_images: int = 0) -> tuple[np.ndarray, dict]:
   """The whole val split once. Returns (int64 [C, C] confusion matrix, figure samples).
@@ -296,7 +254,9 @@ def run_probe(config: ml_collections.ConfigDict, backbone_params: Any,
       restored from a checkpoint, or `random_backbone(...)` for the baseline).
     model_config: the pretraining `config.model` (backbone kind, width, dtype).
     mesh: the 1-D 'data' mesh to run on (any number of devices).
-    workdir: where figures, probe_metrics.jsonl and, when fine-tuning, finetune_ids.txt go.
+    workdir: where the probe's checkpoints, figures, probe_metrics.jsonl and, when
+      fine-tuning, finetune_ids.txt go; a probe that was stopped there (SIGTERM:
+      `parallel.Preempted`) resumes from its newest checkpoint (`probe_loop`).
 
   Returns:
     ({'miou', 'macc', 'pixel_acc', 'per_class_iou', 'per_class_acc' (percent),
@@ -306,10 +266,10 @@ def run_probe(config: ml_collections.ConfigDict, backbone_params: Any,
   """
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh)
+  if config.get("pretrained") and paths.resolve(config.pretrained) == paths.resolve(workdir):
+    raise ValueError(f"--workdir {workdir} is the pretraining run itself: the evaluation keeps "
+                     "its own checkpoints in WORKDIR/checkpoints, pass another --workdir")
   paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    # One run per workdir: a rerun starts its loss log afresh rather than appending to it.
-    (paths.resolve(workdir) / "probe_metrics.jsonl").write_text("")
   finetune = bool(config.get("finetune", False))
   train_source = segdata.segmentation_source(config.data, "train")
   val_source = segdata.segmentation_source(config.data, "val")
@@ -348,14 +308,24 @@ def run_probe(config: ml_collections.ConfigDict, backbone_params: Any,
     logging.info("%s: %d train images, %d val images, %d classes, %d steps (%d epochs × %d)",
                  "fine-tuning" if finetune else "linear protocol", num_train, len(val_source),
                  len(class_names), total_steps, config.num_epochs, steps_per_epoch)
-  batches = iter(segdata.train_dataset(
-      train_source, config.data, config.batch_size // jax.process_count(), config.seed,
-      indices=indices, process_index=jax.process_index(), process_count=jax.process_count()))
+  # Resumes from WORKDIR/checkpoints when a previous run of this probe saved there
+  # (evaluation/probe_loop.py); the batches continue at the step reached.
+  saved_config = probe_loop.run_config(
+      config, probe_loop.backbone_fingerprint(backbone_params, backbone_batch_stats))
+  mngr = probe_loop.manager(workdir)
   try:
-    state, final_loss = train(state, train_step, batches, mesh, total_steps, config, workdir,
-                              schedule)
+    start, state = probe_loop.resume(mngr, workdir, state, saved_config)
+    batches = iter(segdata.train_dataset(
+        train_source, config.data, config.batch_size // jax.process_count(), config.seed,
+        indices=indices, process_index=jax.process_index(), process_count=jax.process_count(),
+        start_step=start))
+    try:
+      state, final_loss = probe_loop.train(state, start, train_step, batches, mesh, total_steps,
+                                           saved_config, workdir, schedule, mngr)
+    finally:
+      batches.close()   # stops grain's worker processes of the infinite train iterator
   finally:
-    batches.close()   # stops grain's worker processes of the infinite train iterator
+    mngr.close()
 
   num_figs = int(config.get("num_figure_images", 4))
   cm, samples = evaluate(state, eval_step, predict, mesh, val_source, config, num_figs)

@@ -161,8 +161,10 @@ def _prefetch(ds: grain.IterDataset, num_workers: int, prefetch: int) -> grain.I
 
 def train_dataset(source, data_config, batch_size: int, seed: int,
                   indices: Sequence[int] | None = None, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
-  """An infinite iterator of augmented train batches for this process.
+                  process_count: int = 1, start_step: int = 0) -> grain.IterDataset:
+  """An infinite iterator of augmented train batches for this process, from batch
+  `start_step` + 1 on: batch t is a function of (seed, t) alone, so a probe resumed after
+  step S sees the batches an uninterrupted one would have.
 
   Args:
     source: segmentation source (random access, len, items as in the module doc).
@@ -184,7 +186,7 @@ def train_dataset(source, data_config, batch_size: int, seed: int,
   scale_range = tuple(data_config.get("scale_range", (0.5, 2.0)))
   ds = (ds.seed(seed).shuffle().repeat()
         .random_map(_TrainAugment(int(data_config.image_size), scale_range))
-        .batch(batch_size, drop_remainder=True))
+        .batch(batch_size, drop_remainder=True)[int(start_step):])
   num_workers = int(data_config.get("num_workers", 0))
   return _prefetch(ds.to_iter_dataset(_read_options(num_workers)), num_workers,
                    int(data_config.get("prefetch", 2)))
