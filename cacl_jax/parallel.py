@@ -1,7 +1,9 @@
-"""Mesh, shardings, multi-host start-up, and host batch → global array.
+"""Mesh, shardings, multi-host start-up, host batch → global array, and the stop on SIGTERM.
 
 One 1-D mesh axis 'data' over every device of every process. The batch is sharded along it,
-the negative queues along K, everything else is replicated.
+the negative queues along K, everything else is replicated. The processes of a run join each
+other from explicit flags or from the cluster's environment (`initialize_distributed`); a loop
+asks `StopOnSigterm` after each step whether a preemption wants it to save and stop there.
 """
 from __future__ import annotations
 

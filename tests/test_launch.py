@@ -8,7 +8,9 @@ run again. That two SLURM tasks without flags do join one run is tested end to e
 test_multiprocess.py.
 """
 import os
+import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -124,3 +126,23 @@ def test_which_environments_are_clusters_to_join(environ, cluster):
 def test_coordinator_flags_go_together():
   with pytest.raises(ValueError, match="--coordinator_address, --num_processes and --process_id go together"):
     parallel.initialize_distributed(num_processes=2)
+
+
+FLAGS_UNDER_SRUN = """
+import jax
+from cacl_jax import parallel
+print(parallel.initialize_distributed("127.0.0.1:{port}", 1, 0), jax.process_count(),
+      jax.config.values["jax_cuda_visible_devices"])
+"""
+
+
+def test_explicit_flags_win_over_slurm_and_keep_every_gpu():
+  """One process per node under srun (multihost_gpu.sh): the flags' layout, and no GPU
+  restriction, where JAX's SLURM detection would pin the process to GPU SLURM_LOCALID."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, **SLURM_TASK, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", FLAGS_UNDER_SRUN.format(port=port)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert out.stdout.split() == ["flags", "1", "all"], out.stderr[-2000:]
