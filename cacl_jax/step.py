@@ -2,8 +2,8 @@
 
 One step, in order (MoCo-v2 order; the EMA of step t−1 is the target of step t):
   1. device-side photometric augmentation of v and v+ (independent per image and frame);
-  2. target on v+ — pixel shuffle, shuffle-BN permutation, forward with the EMA parameters
-     and BN in training mode (its own running statistics move), un-permute, roll back;
+  2. target on v+ — pixel shuffle, forward with the EMA parameters and BN in training mode
+     over shuffle-BN's permuted groups (its own running statistics move), roll back;
      stop-gradient: the target gets no gradient;
   3. online on v — pixel shuffle, forward, roll back; the three losses against the queues;
   4. LARS update of the online parameters; EMA of the target parameters;
@@ -92,6 +92,7 @@ def check_config(config) -> None:
     if config[section].get(key, allowed[0]) not in allowed:
       raise ValueError(f"{dotted} must be one of {', '.join(map(repr, allowed))}, "
                        f"got {config[section][key]!r}")
+  losses.loss_precision(config.loss.get("precision", "auto"), "cpu")   # a known name
   if not 0.0 <= config.loss.soft_target_identity <= 1.0:
     raise ValueError(f"loss.soft_target_identity must lie in [0, 1], got {config.loss.soft_target_identity}")
   if not 0.0 <= config.loss.get("debiased_tau_plus", 0.0) < 1.0:
@@ -135,16 +136,16 @@ def forward(model: nn.Module, params, batch_stats, x: jax.Array, rolls: jax.Arra
 
   x: float [B, H, W, 3]; rolls: int32 [B, 2] or None; perm: int32 [B] or None.
   Returns the maps {'h','u','p','c'} aligned with x, and the updated BN statistics.
+
+  Shuffle-BN normalises each sample with the statistics of its group in x[perm], but x itself
+  is never permuted: on a mesh, x[perm] would gather the whole global image batch onto every
+  device, which would then run the network on all of it. Only per-sample statistics move
+  (`resnet.GroupBatchNorm`); the numbers are the same bits as permuting the samples.
   """
   if rolls is not None:
     x = pixel_shuffle.roll_images(x, rolls)
-  if perm is not None:
-    x = x[perm]           # shuffle-BN: BN groups see a fresh mix of samples every step
   out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                             mutable=["batch_stats"])
-  if perm is not None:
-    inverse = jnp.argsort(perm)
-    out = {k: v[inverse] for k, v in out.items()}
+                             perm=perm, mutable=["batch_stats"])
   if rolls is not None:
     out = {k: pixel_shuffle.unroll_features(v, rolls) for k, v in out.items()}
   return out, mutated["batch_stats"]
@@ -156,21 +157,26 @@ def global_map(out: dict[str, jax.Array], config) -> jax.Array:
 
 
 def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues, config,
-                key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                key: jax.Array | None = None, platform: str | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L = w_G·L_G + w_P·L_P + w_C·L_C (SPEC §3, the §9 readings and the seeds' alternatives
-  per config). A head with weight 0 is not computed. `key` draws MoCHi's mixing (if on)."""
+  per config). A head with weight 0 is not computed. `key` draws MoCHi's mixing (if on);
+  `platform` resolves `loss.precision='auto'` (default: JAX's default backend)."""
   p, c = (_flat(out[k]) for k in "pc")
   p_pos, c_pos = (jax.lax.stop_gradient(_flat(out_pos[k])) for k in "pc")
   w, tau = config.loss.weights, config.loss.temperature
   tau_plus = config.loss.get("debiased_tau_plus", 0.0)
   k_global, k_pixel = jax.random.split(key) if key is not None else (None, None)
+  precision = losses.loss_precision(config.loss.get("precision", "auto"),
+                                    platform or jax.default_backend())
   zero = jnp.zeros((), jnp.float32)
   terms = {h: zero for h in HEADS}
   if w["global"]:
     terms["global"] = losses.global_loss(global_map(out, config),
                                          jax.lax.stop_gradient(global_map(out_pos, config)),
                                          queues["global"], tau["global"], tau_plus=tau_plus,
-                                         mochi=config.loss.get("mochi_global"), key=k_global)
+                                         mochi=config.loss.get("mochi_global"), key=k_global,
+                                         precision=precision)
   a, a_pos = affinity_maps(out, out_pos, config)
   if w["pixel"] and config.loss.get("pixel_loss", "contrast") == "pixpro":
     terms["pixel"] = pixpro.pixpro_loss(p, _flat(out.get("p_value", out["p"])), p_pos, a, a_pos,
@@ -180,13 +186,15 @@ def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues
     terms["pixel"] = losses.pixel_loss(p, p_pos, a, a_pos, queues["pixel"], tau["pixel"],
                                        match=config.loss.pixel_match,
                                        negatives=config.loss.pixel_negatives, tau_plus=tau_plus,
-                                       mochi=config.loss.get("mochi_pixel"), key=k_pixel)
+                                       mochi=config.loss.get("mochi_pixel"), key=k_pixel,
+                                       precision=precision)
   if w["cycle"]:
     q_c = queues["cycle"] if config.loss.cycle_negatives else queues["cycle"][:0]
     soft = (losses.soft_cycle_target(a, a_pos, tau["cycle"], mode=config.loss.soft_target,
                                      identity_mix=config.loss.soft_target_identity)
             if config.loss.soft_cycle else None)
-    terms["cycle"] = losses.cycle_loss(c, c_pos, q_c, tau["cycle"], soft_target=soft)
+    terms["cycle"] = losses.cycle_loss(c, c_pos, q_c, tau["cycle"], soft_target=soft,
+                                       precision=precision)
   total = sum(w[h] * terms[h] for h in HEADS)
   return total, {f"loss_{h}": terms[h] for h in HEADS}
 
@@ -219,10 +227,22 @@ def pair_rolls(key: jax.Array, key_pos: jax.Array, batch: int, height: int, widt
   return rolls, pixel_shuffle.draw_rolls(key_pos, batch, height, width)
 
 
+def gathered(tree, mesh: Mesh | None):
+  """Every leaf replicated on `mesh` (no-op without one): one all-gather per sharded leaf."""
+  if mesh is None:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, config
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """batch: {'v', 'v_pos'}: uint8 [B, S, S, 3] (host-cropped pairs). Pure; jit it."""
+               tx: optax.GradientTransformation, schedule: optax.Schedule, config,
+               mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """batch: {'v', 'v_pos'}: uint8 [B, S, S, 3] (host-cropped pairs). Pure; jit it.
+  `mesh`: the mesh the step is sharded over (`jit_train_step`), where the queues are gathered."""
+  # The queues live sharded along K; every loss reads all of their rows, so each is gathered
+  # once, here ([K, D]), not chunk by chunk inside the losses' loops, where XLA's partitioner
+  # split the loops over device pairs and gathered the feature maps instead.
+  queues_full = gathered(state.queues, mesh)
   key = jax.random.wrap_key_data(state.rng)
   key, k_aug, k_aug_pos, k_roll, k_roll_pos, k_perm, k_enq = jax.random.split(key, 7)
   # Named scopes label every HLO op with its phase (benchmarks/profile_step.py reads them).
@@ -245,7 +265,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     with jax.named_scope("losses"):
       # MoCHi's draws: a key of its own, folded from k_enq so that the other streams (and
       # every run without MoCHi) stay as they were.
-      total, terms = cacl_losses(out, out_pos, state.queues, config, jax.random.fold_in(k_enq, 1))
+      total, terms = cacl_losses(out, out_pos, queues_full, config, jax.random.fold_in(k_enq, 1),
+                                 platform=mesh.devices.flat[0].platform if mesh is not None else None)
     return total, (terms, stats, out)
 
   (total, (terms, stats, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -258,7 +279,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     target_params = ema.update(state.target_params, params, m)
 
   with jax.named_scope("queues"):
-    queues, ptrs = dict(state.queues), dict(state.queue_ptrs)
+    queues, ptrs = dict(queues_full), dict(state.queue_ptrs)
     for head, keys in new_keys(k_enq, out_pos, config).items():
       queues[head], ptrs[head] = queue.enqueue(queues[head], ptrs[head], keys)
 
@@ -297,9 +318,14 @@ def create_state(model, tx, config, mesh: Mesh, seed: int) -> tuple[TrainState, 
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
-# XLA:CPU's default library fusions minus YNNPACK's convolutions (which then go to Eigen).
-_EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                       "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# XLA:CPU hands reductions, dots and convolutions to YNNPACK by default. The train step keeps
+# YNNPACK's dots, and its convolutions only for the narrow variants (below); never its reductions:
+# YNNPACK splits a reduction by the shape of the whole array, so BatchNorm's per-sample sums over
+# a 4×4 map came out 1 ulp apart for 2 and 17 samples on a device, which flipped ReLUs downstream
+# (the device-count invariance of `resnet.ordered_group_sum` needs every sample summed alike).
+_YNN = "xla_cpu_experimental_ynn_fusion_type"
+_YNN_CONVOLUTIONS = {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+_EIGEN_CONVOLUTIONS = {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -314,20 +340,21 @@ def _compiler_accepts(option: str, value: str) -> bool:
 
 
 def compiler_options(config, mesh: Mesh) -> dict[str, str] | None:
-  """XLA options for the train step: on a CPU, full-width backbones get Eigen's convolutions.
+  """XLA options for the train step on a CPU: no YNNPACK reductions (above), and for full-width
+  backbones Eigen's convolutions instead of YNNPACK's.
 
-  XLA:CPU hands every convolution to YNNPACK, whose kernels lose to Eigen's on the wide,
-  dilated stages (28×28×512, dilation 4: forward, input and weight gradient 998 / 1041 / 1568 ms
-  against 606 / 646 / 664) and win on the narrow ones. Measured on the whole step (2-core
-  CPU, loaded, README "Results"): R18 224 px −22 %, R18 112 px −10 %, R50 112 px −38 %, R18 ÷4
-  112 px −4 %, but the ÷4 demo at 64 px +7 %: so only full-width backbones take it. The
-  numbers are unchanged (both are float32 convolutions). GPUs and TPUs ignore it.
+  YNNPACK's convolution kernels lose to Eigen's on the wide, dilated stages (28×28×512, dilation
+  4: forward, input and weight gradient 998 / 1041 / 1568 ms against 606 / 646 / 664) and win on
+  the narrow ones. Measured on the whole step (2-core CPU, loaded, README "Results"): R18 224 px
+  −22 %, R18 112 px −10 %, R50 112 px −38 %, R18 ÷4 112 px −4 %, but the ÷4 demo at 64 px +7 %:
+  so only full-width backbones take it. The numbers are float32 either way. GPUs and TPUs get
+  no options.
   """
-  platform = mesh.devices.flat[0].platform
-  if platform != "cpu" or config.model.get("width_divisor", 1) != 1:
+  if mesh.devices.flat[0].platform != "cpu":
     return None
-  (option, value), = _EIGEN_CONVOLUTIONS.items()
-  return dict(_EIGEN_CONVOLUTIONS) if _compiler_accepts(option, value) else None
+  options = _EIGEN_CONVOLUTIONS if config.model.get("width_divisor", 1) == 1 else _YNN_CONVOLUTIONS
+  (option, value), = options.items()
+  return dict(options) if _compiler_accepts(option, value) else None
 
 
 def layout_blocks(mesh: Mesh) -> int:
@@ -344,7 +371,7 @@ def jit_train_step(model, tx, schedule, config, mesh: Mesh, shardings: TrainStat
   `blocks` overrides `layout_blocks(mesh)` (0: compile as a GPU or TPU does, unpadded)."""
   batch_sharding = NamedSharding(mesh, P(DATA))
   model = with_layout_blocks(model, layout_blocks(mesh) if blocks is None else blocks)
-  step = lambda s, b: train_step(s, b, model=model, tx=tx, schedule=schedule, config=config)
+  step = lambda s, b: train_step(s, b, model=model, tx=tx, schedule=schedule, config=config, mesh=mesh)
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0,
                  compiler_options=compiler_options(config, mesh))

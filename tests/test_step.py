@@ -265,9 +265,10 @@ def test_the_demos_first_two_steps_agree_on_1_2_and_8_devices():
 
 
 def test_the_train_forward_pass_is_bit_identical_on_any_device_count():
-  """Train-mode forward of the demo's network with shuffle-BN, as the train step pads it: every
-  output of every sample has the same bits on 1, 2 and 8 devices (on 8 a BN group of 8
-  spans four devices)."""
+  """Train-mode forward of the demo's network with shuffle-BN, as the train step pads and
+  compiles it: every output of every sample has the same bits on 1, 2 and 8 devices (on 8 a BN
+  group of 8 spans four devices). Each device runs only its own samples (no image moves); the
+  per-sample BN sums, gathered into the permutation's groups, are what makes the bits equal."""
   c = demo_config()
   model = model_from_config(c.model)
   x = jax.random.normal(jax.random.key(0), (16, SIZE, SIZE, 3))   # 2 samples a device on 8
@@ -281,6 +282,7 @@ def test_the_train_forward_pass_is_bit_identical_on_any_device_count():
                                                     perm)[0],
                       in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
                       out_shardings=parallel.replicated(mesh))
+    forward = forward.lower(variables, x).compile(step_lib.compiler_options(c, mesh))
     outputs.append(parallel.to_host(forward(variables, x)))
   for n, out in zip((2, 8), outputs[1:]):
     for k in ("h", "u", "p", "c"):
@@ -336,7 +338,10 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses():
   state, shardings = step_lib.create_state(model, tx, c, mesh, seed=0)
   out = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                     jnp.zeros((4, SIZE, SIZE, 3)), train=False)
-  assert out["h"].dtype == jnp.bfloat16 and out["c"].dtype == jnp.bfloat16
+  # The backbone computes in bfloat16; the heads, which feed the losses and the match's
+  # argmax, accumulate and return float32 (no bfloat16 ties in m(i)).
+  assert out["h"].dtype == jnp.bfloat16
+  assert all(out[k].dtype == jnp.float32 for k in ("u", "p", "c", "u_gap"))
   train_step = step_lib.jit_train_step(model, tx, schedule, c, mesh, shardings)
   new, metrics = train_step(state, parallel.host_to_global(mesh, pair_batch()))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
@@ -346,6 +351,29 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses():
     assert metrics[k].dtype == jnp.float32 and np.isfinite(float(metrics[k]))
     # bf16 activations move the losses a little, not a lot.
     np.testing.assert_allclose(float(metrics[k]), ref[k], rtol=0.1, atol=0.05)
+
+
+def test_the_accelerators_program_computes_the_cpu_programs_numbers():
+  """GPUs and TPUs compile the step unpadded (`blocks=0`); the CPU pads each device's block
+  with a zero sample. On one device both programs give the same losses and the same state up
+  to rounding (the padding changes which kernel path computes a device's last sample)."""
+  c = tiny_config()
+  mesh = parallel.make_mesh(1)
+  model = model_from_config(c.model)
+  tx, schedule = optim.make_optimizer(c)
+  state, shardings = step_lib.create_state(model, tx, c, mesh, seed=0)
+  batch = parallel.host_to_global(mesh, pair_batch())
+  results = []
+  for blocks in (None, 0):
+    step = step_lib.jit_train_step(model, tx, schedule, c, mesh, shardings, blocks=blocks)
+    new, metrics = step(jax.tree.map(jnp.copy, state), batch)
+    results.append((parallel.to_host(new), parallel.to_host(metrics)))
+  (cpu_state, cpu), (acc_state, acc) = results
+  for k in ("loss", "loss_global", "loss_pixel", "loss_cycle"):
+    np.testing.assert_allclose(acc[k], cpu[k], rtol=1e-5, err_msg=k)
+  for part in ("params", "target_batch_stats", "queues"):
+    chex.assert_trees_all_close(getattr(acc_state, part), getattr(cpu_state, part), rtol=1e-4,
+                                atol=1e-6, custom_message=part)
 
 
 def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
@@ -363,10 +391,12 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
 def test_cpu_compiler_options_go_to_full_width_backbones_and_keep_the_numbers():
   c = tiny_config()
   mesh = parallel.make_mesh(1)
-  assert step_lib.compiler_options(c, mesh) is None          # the narrow variants keep XLA's default
+  # The narrow variants keep YNNPACK's convolutions; no variant takes YNNPACK's reductions.
+  assert step_lib.compiler_options(c, mesh) == step_lib._YNN_CONVOLUTIONS
   c.model.width_divisor = 1
   options = step_lib.compiler_options(c, mesh)
   assert options == step_lib._EIGEN_CONVOLUTIONS
+  assert all("REDUCE" not in v for o in (options, step_lib._YNN_CONVOLUTIONS) for v in o.values())
   # The same float32 convolution, another library: equal up to rounding.
   x = jax.random.normal(jax.random.key(0), (2, 12, 12, 32))
   w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))

@@ -11,6 +11,8 @@ from cacl_jax.models.resnet import ResNet, backbone_from_config, pad_blocks, unp
 
 class CACL(nn.Module):
   """x: [B, H, W, 3] → {'h': [B,H/8,W/8,C], 'u','p','c': [B,H/8,W/8,D], 'u_gap': [B,1,1,D]}.
+  perm (int32 [B], optional): shuffle-BN — BatchNorm groups are formed over x[perm] while the
+  samples stay in place (`resnet.GroupBatchNorm`).
 
   'u_gap' = g_G(GAP(h)): the global head applied to the pooled backbone map, as MoCo-v2 and
   "image-level contrastive learning frameworks" do (`loss.global_pool='before_head'`); the
@@ -28,15 +30,16 @@ class CACL(nn.Module):
   ppm_transform: bool = False   # PixPro's g: a 1×1 linear layer on p, output 'p_value' (pixpro.py)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool, perm: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
     blocks = self.backbone.layout_blocks
-    h = self.backbone(pad_blocks(x, blocks), train)
+    h = self.backbone(pad_blocks(x, blocks), train, perm)
     heads = {k: Head(self.embed_dim, self.backbone.dtype, name=f"head_{k.upper()}")
              for k in ("g", "p", "c")}
     u_gap = heads["g"](jnp.mean(h, axis=(1, 2), keepdims=True))
     out = {"h": h, "u": heads["g"](h), "p": heads["p"](h), "c": heads["c"](h), "u_gap": u_gap}
     if self.ppm_transform:
-      out["p_value"] = PixelDense(self.embed_dim, self.backbone.dtype, name="head_PPM")(out["p"])
+      out["p_value"] = PixelDense(self.embed_dim, self.backbone.dtype, jnp.float32, name="head_PPM")(out["p"])
     return {k: unpad_blocks(v, blocks) for k, v in out.items()}
 
 

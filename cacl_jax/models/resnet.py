@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,8 +34,8 @@ import jax.numpy as jnp
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming fan_out
 
 
-def pad_blocks(x: jax.Array, blocks: int) -> jax.Array:
-  """[B, ...] → [blocks·(B/blocks + 1), ...]: one zero sample after each of `blocks` equal blocks.
+def pad_blocks(x: jax.Array, blocks: int, fill: float = 0.0) -> jax.Array:
+  """[B, ...] → [blocks·(B/blocks + 1), ...]: one `fill` sample after each of `blocks` equal blocks.
 
   The train step splits the batch over devices in `blocks` blocks; with this padding every
   device's last real sample sits in the middle of its convolutions' rows, never at their end,
@@ -44,7 +46,7 @@ def pad_blocks(x: jax.Array, blocks: int) -> jax.Array:
   if not blocks:
     return x
   x = x.reshape(blocks, x.shape[0] // blocks, *x.shape[1:])
-  x = jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2))
+  x = jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
   return x.reshape(-1, *x.shape[2:])
 
 
@@ -56,15 +58,25 @@ def unpad_blocks(x: jax.Array, blocks: int) -> jax.Array:
   return x.reshape(-1, *x.shape[2:])
 
 
-def ordered_group_sum(x: jax.Array, group: int) -> jax.Array:
-  """Σ over each group of `group` consecutive samples and all positions: [B, ..., C] → [B/group, C].
+def per_sample_sums(x: jax.Array) -> jax.Array:
+  """Σ over each sample's positions: [B, ..., C] → [B, C]. One reduction per sample, which
+  XLA computes the same way however many samples a device holds."""
+  return x.reshape(x.shape[0], -1, x.shape[-1]).sum(axis=1)
 
-  The order of the additions is fixed by the expression, not by the layout: per-sample sums
-  (one reduction per sample, which XLA computes the same way for any number of samples per
-  device), then the group's samples added pairwise. A device-count-dependent reduction order
-  changed the statistics by 1 ulp, and that flipped ReLUs downstream.
+
+def ordered_group_sum(s: jax.Array, group: int, perm: jax.Array | None = None) -> jax.Array:
+  """Per-sample sums s [B, C] → group sums [B/group, C]; group g holds the samples
+  perm[g·group : (g+1)·group] (consecutive samples when perm is None).
+
+  The order of the additions is fixed by the expression, not by the layout: the group's samples
+  are added pairwise in their order within the group. A device-count-dependent reduction order
+  changed the statistics by 1 ulp, and that flipped ReLUs downstream. With a permutation only
+  these [B, C] sums are gathered into the permuted order, never the samples themselves
+  (shuffle-BN without moving images, SPEC §2 "Weak scaling").
   """
-  s = x.reshape(x.shape[0], -1, x.shape[-1]).sum(axis=1).reshape(-1, group, x.shape[-1])
+  if perm is not None:
+    s = jnp.take(s, perm, axis=0)
+  s = s.reshape(-1, group, s.shape[-1])
   while s.shape[1] > 1:
     if s.shape[1] % 2:
       s = jnp.pad(s, ((0, 0), (0, 1), (0, 0)))
@@ -72,15 +84,31 @@ def ordered_group_sum(x: jax.Array, group: int) -> jax.Array:
   return s[:, 0]
 
 
+def per_sample_stats(stat: jax.Array, group: int, perm: jax.Array | None) -> jax.Array:
+  """Group statistics [G, C] → each sample's group's [B, C], in the samples' own order: group
+  i // group, or with a permutation that of the position the sample takes in it
+  (argsort(perm)[i] // group). Without a permutation a repeat, whose gradient is a plain sum
+  over the group (the target, which takes the permutation, gets no gradient)."""
+  if perm is None:
+    return jnp.repeat(stat, group, axis=0)
+  return jnp.take(stat, jnp.argsort(perm) // group, axis=0)
+
+
 class GroupBatchNorm(nn.Module):
-  """BatchNorm whose batch statistics are per group of `group_size` consecutive samples.
+  """BatchNorm whose batch statistics are per group of `group_size` samples.
 
   x: [B, ..., C]. Training: each group g normalises with its own mean / biased variance
   over (samples in g, spatial); the running statistics move towards the average of the
   group statistics (variance unbiased, like PyTorch). Inference: running statistics.
-  Statistics and normalisation are computed in float32; the output has `dtype`. The
-  statistics are summed in a layout-independent order (`ordered_group_sum`); with
-  `layout_blocks` the batch carries `pad_blocks` padding, which they skip.
+  Statistics and normalisation are computed in float32; the output has `dtype`.
+
+  Groups are consecutive samples, or with `perm` (int32 [B], shuffle-BN) the samples
+  perm[g·size : (g+1)·size]: the samples stay where they are and each is normalised with the
+  statistics of the group the permutation puts it in, so that a device computes only its own
+  samples and exchanges per-sample statistics ([B, C]), never images or feature maps. The
+  statistics are summed in a layout-independent order (`ordered_group_sum`): the same bits
+  as permuting the samples first. With `layout_blocks` the batch carries `pad_blocks`
+  padding, which they skip.
   """
   group_size: int | None = None
   momentum: float = 0.9  # = 1 − torch momentum 0.1
@@ -89,7 +117,7 @@ class GroupBatchNorm(nn.Module):
   layout_blocks: int = 0
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, perm: jax.Array | None = None) -> jax.Array:
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -107,20 +135,21 @@ class GroupBatchNorm(nn.Module):
       raise ValueError(f"BatchNorm group size {g} does not divide the batch of {b} samples "
                        "(set model.bn_group_size to a divisor of the global batch)")
     n = g * (real.size // (b * c))                           # values per group and channel
-    mean = ordered_group_sum(real, g) / n                    # [G, C]
-    centred = real.reshape(b // g, g, -1, c) - mean[:, None, None]
-    var = ordered_group_sum(jnp.square(centred).reshape(b, -1, c), g) / n
+    # Per-sample statistics in x's layout (padding samples: mean 0, factor 1; dropped later).
+    per_sample = lambda stat, fill: pad_blocks(per_sample_stats(stat, g, perm), self.layout_blocks,
+                                               fill).reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (c,))
+    mean = ordered_group_sum(per_sample_sums(real), g, perm) / n           # [G, C]
+    if perm is None:
+      centred = real.reshape(b // g, g, -1, c) - mean[:, None, None]
+    else:
+      centred = real.reshape(b, -1, c) - per_sample_stats(mean, g, perm)[:, None]
+    var = ordered_group_sum(per_sample_sums(jnp.square(centred).reshape(b, -1, c)), g, perm) / n
     if not self.is_initializing():
       unbiased = var.mean(axis=0) * n / max(n - 1, 1)
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean.mean(axis=0)
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
-    # Per-sample statistics in x's layout (padding samples: mean 0, factor 1; dropped later).
-    per_sample = lambda s, fill: jnp.pad(
-        jnp.repeat(s, g, axis=0).reshape(-1, b // max(self.layout_blocks, 1), c),
-        ((0, 0), (0, 1 if self.layout_blocks else 0), (0, 0)), constant_values=fill)
-    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
-    mu = per_sample(mean, 0.0).reshape(shape)
-    inv = per_sample(jax.lax.rsqrt(var + self.epsilon), 1.0).reshape(shape)
+    mu = per_sample(mean, 0.0)
+    inv = per_sample(jax.lax.rsqrt(var + self.epsilon), 1.0)
     return (((x32 - mu) * inv) * scale + bias).astype(self.dtype)
 
 
@@ -177,9 +206,10 @@ class BasicBlock(_Block):
   expansion = 1
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    bn = lambda name: GroupBatchNorm(self.bn_group_size, dtype=self.dtype, layout_blocks=self.layout_blocks,
-                                         name=name)
+  def __call__(self, x, train: bool, perm: jax.Array | None = None):
+    bn = lambda name: functools.partial(GroupBatchNorm(self.bn_group_size, dtype=self.dtype,
+                                                       layout_blocks=self.layout_blocks, name=name),
+                                        perm=perm)
     y = self.conv(self.planes, 3, self.stride, self.first_dilation, "conv1")(x)
     y = nn.relu(bn("bn1")(y, train))
     y = self.conv(self.planes, 3, 1, self.dilation, "conv2")(y)
@@ -195,9 +225,10 @@ class Bottleneck(_Block):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    bn = lambda name: GroupBatchNorm(self.bn_group_size, dtype=self.dtype, layout_blocks=self.layout_blocks,
-                                         name=name)
+  def __call__(self, x, train: bool, perm: jax.Array | None = None):
+    bn = lambda name: functools.partial(GroupBatchNorm(self.bn_group_size, dtype=self.dtype,
+                                                       layout_blocks=self.layout_blocks, name=name),
+                                        perm=perm)
     y = self.conv(self.planes, 1, 1, 1, "conv1")(x)
     y = nn.relu(bn("bn1")(y, train))
     y = self.conv(self.planes, 3, self.stride, self.first_dilation, "conv2")(y)
@@ -217,7 +248,8 @@ class ResNet(nn.Module):
   """Dilated ResNet, output stride 8.
 
   x: float [B, H, W, 3] (normalised RGB) → features [B, H/8, W/8, C] with
-  C = 512/width_divisor (ResNet-18) or 2048/width_divisor (ResNet-50).
+  C = 512/width_divisor (ResNet-18) or 2048/width_divisor (ResNet-50). perm: int32 [B] or
+  None, shuffle-BN's permutation of the BN groups (`GroupBatchNorm`).
   """
   depth: int = 18
   width_divisor: int = 1
@@ -232,7 +264,7 @@ class ResNet(nn.Module):
     return 512 // self.width_divisor * block.expansion
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, perm: jax.Array | None = None) -> jax.Array:
     if self.depth not in _LAYOUT:
       raise ValueError(f"ResNet depth must be one of {sorted(_LAYOUT)}, got {self.depth}")
     if x.shape[1] % 8 or x.shape[2] % 8:
@@ -244,7 +276,7 @@ class ResNet(nn.Module):
       raise ValueError(f"model.padding must be one of {PADDINGS}, got {self.padding!r}")
     x = _conv(w, 7, 2, 1, self.dtype, "conv1", self.padding)(x)
     x = nn.relu(GroupBatchNorm(self.bn_group_size, dtype=self.dtype,
-                                      layout_blocks=self.layout_blocks, name="bn1")(x, train))
+                                      layout_blocks=self.layout_blocks, name="bn1")(x, train, perm))
     x = _max_pool(x, self.padding)
     in_ch, dilation = w, 1
     # (stride, dilate) per stage: stages 3 and 4 trade their stride for dilation.
@@ -262,7 +294,7 @@ class ResNet(nn.Module):
                   project=(j == 0 and (s != 1 or in_ch != out_ch)),
                   bn_group_size=self.bn_group_size, dtype=self.dtype, padding=self.padding,
                   layout_blocks=self.layout_blocks,
-                  name=f"layer{stage}_{j}")(x, train)
+                  name=f"layer{stage}_{j}")(x, train, perm)
         in_ch = out_ch
     return x
 
