@@ -63,6 +63,11 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.loss.soft_target = "self"     # T: 'self' û ûᵀ | 'cross' û û+ᵀ | 'cycle' (losses.soft_cycle_target)
   c.loss.soft_target_identity = 0.5  # λ: target λ·I + (1−λ)·T (knowledge distillation's mix)
   c.loss.cycle_negatives = False  # Q_C in the cycle path (SPEC §3: True; it collapses c, see README)
+  # Matmul precision of the losses' large products (queue streams, frame negatives, the cycle's
+  # N×N): 'auto' = true float32 on CPUs, TF32 on GPUs, three bfloat16 passes on TPUs, each
+  # measured against a float64 reference (README "Accelerator numerics") | 'float32' | 'tf32' |
+  # 'bf16_3x' | 'bf16'. The match's affinity and the soft target are always float32.
+  c.loss.precision = "auto"
   # The seeds' alternatives (not the paper; docs/CONFIGS.md): the pixel head's loss, eq. 4's
   # 'contrast' or PixPro's 'pixpro' (pixpro.py: T in cell diagonals, γ); debiased negatives
   # (τ⁺ > 0) in L_G and L_P; MoCHi's mixed hard negatives (N̄, s, s') per head (negatives.py).

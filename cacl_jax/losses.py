@@ -31,9 +31,13 @@ loss need well under a quarter of one 32×784×16384 float32 logits block (1.6 G
 and the soft cycle at N = 4096, K = 16384 under half of one N×(N+K) float32 matrix
 (`benchmarks/cycle_loss_memory.py` measures all of this; tests/test_losses.py holds the bounds).
 
-Matmuls use `Precision.HIGHEST`: on TPU the default f32 matmul is a single bfloat16 pass,
-which at τ = 0.07 puts errors of a few 1e-2 on the logits; the loss matmuls are a small fraction
-of the step's flops, so they get true float32.
+Matmul precision: every product takes float32 operands and accumulates in float32. The large
+ones — the queue streams, the frame negatives and the cycle's N×N products — run at the
+`precision` argument of each loss (`loss_kernels.PRECISIONS`; 'float32' by default, true float32
+on every backend; the train step passes `loss.precision`, resolved per platform by
+`loss_precision`). The products that decide a hard choice or a target — the match m(i)'s affinity
+A and the soft target T — always run in true float32: on TPU the default f32 matmul is a single
+bfloat16 pass, which at τ = 0.07 puts errors of a few 1e-2 on the logits and ties in argmax.
 """
 from typing import Optional
 
@@ -97,9 +101,24 @@ def _temperature(fn, temperature):
   return temperature
 
 
-def _sim(a, b, tau):
-  """a [..., N, D], b [..., M, D] -> a bᵀ / τ [..., N, M] in full float32."""
-  return jnp.einsum('...nd,...md->...nm', a, b, precision=_HIGHEST) / tau
+def _sim(a, b, tau, precision='float32'):
+  """a [..., N, D], b [..., M, D] -> a bᵀ / τ [..., N, M], float32 at `precision`."""
+  return loss_kernels.einsum('...nd,...md->...nm', a, b, precision) / tau
+
+
+# Which precision `loss.precision='auto'` takes on each platform, and why: the step-1 losses'
+# error against a float64 reference (`benchmarks/loss_precision.py`, README "Accelerator numerics").
+AUTO_PRECISION = {'cpu': 'float32', 'gpu': 'tf32', 'tpu': 'bf16_3x'}
+
+
+def loss_precision(name, platform):
+  """`loss.precision` → a `loss_kernels.PRECISIONS` name; 'auto' by platform (AUTO_PRECISION)."""
+  if name == 'auto':
+    return AUTO_PRECISION.get(platform, 'float32')
+  if name not in loss_kernels.PRECISIONS:
+    raise ValueError(f"loss.precision must be 'auto' or one of {', '.join(map(repr, loss_kernels.PRECISIONS))}, "
+                     f'got {name!r}')
+  return name
 
 
 def _info_nce(pos, queue_lse, *more_lse):
@@ -131,9 +150,9 @@ def _mixing(fn, mochi, key):
   return tuple(int(m) for m in mochi)
 
 
-def _queue_nce_lse(x, queue, tau):
+def _queue_nce_lse(x, queue, tau, precision='float32'):
   """logsumexp_k x_i·Q_k/τ, streamed (loss_kernels.queue_logsumexp): x [..., D] -> [...]."""
-  return loss_kernels.queue_logsumexp(x / tau, queue, _QUEUE_CHUNK)
+  return loss_kernels.queue_logsumexp(x / tau, queue, _QUEUE_CHUNK, precision)
 
 
 def _fold_queue(queue, init, fn):
@@ -172,7 +191,8 @@ def global_key(u):
   return l2n(jnp.mean(jnp.asarray(u).astype(jnp.float32), axis=1))
 
 
-def global_loss(u, u_pos, queue, temperature, *, tau_plus=0.0, mochi=None, key=None):
+def global_loss(u, u_pos, queue, temperature, *, tau_plus=0.0, mochi=None, key=None,
+                precision='float32'):
   """Global contrastive loss L_G (eq. 3, SPEC §3).
 
   q = l2n(mean_i u_i), k = l2n(mean_i u+_i),
@@ -186,6 +206,7 @@ def global_loss(u, u_pos, queue, temperature, *, tau_plus=0.0, mochi=None, key=N
     tau_plus: τ⁺ > 0 debiases the negatives (Chuang et al. 2020, `negatives.py`); 0: eq. 3.
     mochi: (N̄, s, s') adds MoCHi's mixed hard negatives from the queue (Kalantidis et al.
       2020, `negatives.py`; needs `key`); None or zeros: eq. 3.
+    precision: of the queue products (module docstring).
   Returns:
     float32 scalar.
   """
@@ -197,7 +218,7 @@ def global_loss(u, u_pos, queue, temperature, *, tau_plus=0.0, mochi=None, key=N
   # Target side: the EMA network gets no gradient from any loss.
   k = global_key(jax.lax.stop_gradient(u_pos))  # [B, D]
   pos = jnp.sum(q * k, axis=-1) / tau  # [B]
-  neg = [_queue_nce_lse(q, queue, tau)]
+  neg = [_queue_nce_lse(q, queue, tau, precision)]
   if not (tau_plus or mochi):
     return jnp.mean(_info_nce(pos, *neg))
   count = queue.shape[0]
@@ -228,7 +249,7 @@ PIXEL_NEGATIVES = ('queue', 'queue+frame')
 
 
 def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives='queue', *,
-               tau_plus=0.0, mochi=None, key=None):
+               tau_plus=0.0, mochi=None, key=None, precision='float32'):
   """Pixel contrastive loss L_P (eq. 4, SPEC §3 and §9).
 
   A = û û+ᵀ, m(i) = argmax_j A_ij (ties: lowest j), p̂ = l2n(p), p̂+ = l2n(p+),
@@ -251,6 +272,7 @@ def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives
       (m(i) = i: Table 1a's "pixel head alone").
     negatives: 'queue' or 'queue+frame' (above).
     tau_plus, mochi, key: as in `global_loss` (debiased negatives; MoCHi mixing from Q_P).
+    precision: of the queue and frame products (the match's affinity is true float32).
   Returns:
     float32 scalar.
   """
@@ -276,10 +298,10 @@ def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives
   p_pos_hat = l2n(jax.lax.stop_gradient(p_pos))
   p_match = jnp.take_along_axis(p_pos_hat, m[..., None], axis=1)  # p̂+_{m(i)} [B, N, D]
   pos = jnp.sum(p_hat * p_match, axis=-1) / tau  # [B, N]
-  neg = (_queue_nce_lse(p_hat, queue, tau),)  # [B, N]: the B×N×K logits are never stored
+  neg = (_queue_nce_lse(p_hat, queue, tau, precision),)  # [B, N]: B×N×K logits never stored
   count = queue.shape[0]
   if negatives == 'queue+frame':
-    frame = _sim(p_hat, p_hat, tau)  # [B, N, N]; the diagonal (i itself) is no negative
+    frame = _sim(p_hat, p_hat, tau, precision)  # [B, N, N]; the diagonal (i) is no negative
     frame = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, frame)
     neg += (jax.nn.logsumexp(frame, axis=-1),)
     count += n - 1
@@ -296,13 +318,13 @@ def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives
 # ----------------------------------------------------------------------------------------
 
 
-def _queue_columns_lse(c_pos_hat, queue, tau):
+def _queue_columns_lse(c_pos_hat, queue, tau, precision='float32'):
   """q_j = logsumexp_k ĉ+_j·Q_k / τ for each target pixel j: [..., N, D] -> [..., N].
 
   The queue columns of S2 enter the cycle only through P2's row normaliser; neither ĉ+ nor
   Q carries gradient, so this is a constant of the loss, streamed like the negatives.
   """
-  return jax.lax.stop_gradient(_queue_nce_lse(jax.lax.stop_gradient(c_pos_hat), queue, tau))
+  return jax.lax.stop_gradient(_queue_nce_lse(jax.lax.stop_gradient(c_pos_hat), queue, tau, precision))
 
 
 def _cycle_terms(c_hat, c_pos_hat, queue, tau):
@@ -325,7 +347,8 @@ def _cycle_terms(c_hat, c_pos_hat, queue, tau):
   return log_p1, log_p2_t, r
 
 
-def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = None):
+def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = None, *,
+               precision='float32'):
   """Cycle-attention loss L_C (eqs. 5-6, SPEC §3), hard or soft.
 
   ĉ = l2n(c), ĉ+ = l2n(c+), S1 = ĉ ĉ+ᵀ/τ [N, N], S2 = ĉ+ [ĉ ; Q_C]ᵀ/τ [N, N+K],
@@ -344,6 +367,7 @@ def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = 
     temperature: τ > 0.
     soft_target: None (hard cycle) or [B, N, N] row-stochastic T, e.g.
       `soft_cycle_target(u, u_pos, τ)`; treated as a constant.
+    precision: of the queue and N×N products (module docstring).
   Returns:
     float32 scalar.
   """
@@ -353,11 +377,11 @@ def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = 
   c_hat = l2n(c)
   # Target side: the EMA network gets no gradient from any loss.
   c_pos_hat = l2n(jax.lax.stop_gradient(c_pos))
-  q = _queue_columns_lse(c_pos_hat, queue, tau)  # [B, N], a constant
+  q = _queue_columns_lse(c_pos_hat, queue, tau, precision)  # [B, N], a constant
   # τ folded into the online side: S1 = (ĉ/τ) ĉ+ᵀ.
   a = c_hat / tau
   if soft_target is None:
-    per_pixel = jax.vmap(lambda x, y, z: loss_kernels.hard_cycle(x, y, z, _ROW_CHUNK))(
+    per_pixel = jax.vmap(lambda x, y, z: loss_kernels.hard_cycle(x, y, z, _ROW_CHUNK, precision))(
         a, c_pos_hat, q)
   else:
     b, n, _ = c.shape
@@ -366,7 +390,7 @@ def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = 
       raise ValueError(f'cycle_loss: expected soft_target as a [{b}, {n}, {n}] array, '
                        f'got shape {soft_target.shape}')
     target = jax.lax.stop_gradient(soft_target.astype(jnp.float32))
-    per_pixel = jax.vmap(lambda x, y, z, t: loss_kernels.soft_cycle(x, y, z, t, _ROW_CHUNK))(
+    per_pixel = jax.vmap(lambda x, y, z, t: loss_kernels.soft_cycle(x, y, z, t, _ROW_CHUNK, precision))(
         a, c_pos_hat, q, target)
   return jnp.mean(per_pixel)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cacl_jax import losses
+from cacl_jax import loss_kernels, losses
 
 TAU = 0.07
 
@@ -414,6 +414,62 @@ def test_bfloat16_inputs(name):
   np.testing.assert_allclose(float(out16), float(fn(*rounded)), rtol=1e-6)
   # ... and close to float32 on the originals (bf16 rounding of the inputs only).
   np.testing.assert_allclose(float(out16), float(fn(x, x_pos, queue)), rtol=3e-2)
+
+
+# ----------------------------------------------------------------------------------------
+# Matmul precision (`loss.precision`): accelerators' products, emulated on this CPU.
+# ----------------------------------------------------------------------------------------
+
+
+def test_emulated_bfloat16_product_is_xlas_bfloat16_dot():
+  """The emulation rounds as a bfloat16 dot with float32 accumulation does (XLA's, on this CPU)."""
+  a, b = rand(70, 40, 128), rand(71, 64, 128)
+  emulated = loss_kernels.einsum('nd,md->nm', a, b, 'emulated_bf16')
+  xla = jnp.einsum('nd,md->nm', jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16),
+                   preferred_element_type=jnp.float32)
+  np.testing.assert_allclose(np.asarray(emulated), np.asarray(xla), rtol=1e-6, atol=1e-5)
+  # TF32 keeps 10 mantissa bits: round to nearest, ties to even (1 + 2^-11 ties down to 1).
+  x = jnp.asarray([1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 1.0 + 2.0 ** -12], jnp.float32)
+  np.testing.assert_array_equal(np.asarray(loss_kernels._round_mantissa(x, 10)),
+                                [1.0, 1.0 + 2.0 ** -9, 1.0])
+
+
+@pytest.mark.parametrize('precision', ['tf32', 'bf16_3x'])
+def test_losses_at_the_accelerators_precisions_stay_within_the_tolerance(precision):
+  """'auto' takes TF32 on GPUs and three bfloat16 passes on TPUs because every loss stays within
+  1e-4 of the float64 value there (benchmarks/loss_precision.py measures the step-1 losses)."""
+  x, x_pos = maps(72, b=2, n=16, d=32)
+  queue = rand(73, 64, 32)
+  target = ref_soft_target(x, x_pos, TAU, 'self')
+  name = f'emulated_{precision}'
+  pairs = [(losses.global_loss(x, x_pos, queue, TAU, precision=name), ref_global(x, x_pos, queue, TAU)),
+           (losses.pixel_loss(x, x_pos, x, x_pos, queue, TAU, negatives='queue+frame', precision=name),
+            ref_pixel(x, x_pos, x, x_pos, queue, TAU, 'global', 'queue+frame')),
+           (losses.cycle_loss(x, x_pos, queue, TAU, jnp.asarray(target, jnp.float32), precision=name),
+            ref_cycle(x, x_pos, queue, TAU, target))]
+  for value, ref in pairs:
+    assert abs(float(value) - ref) <= 1e-4 * max(abs(ref), 1.0), (precision, float(value), ref)
+
+
+def test_emulated_precision_gradient_is_the_rounded_backward_product():
+  """Backward products round the cotangent and the other operand too, as the hardware does:
+  close to the float32 gradient, not equal to it."""
+  a, b = rand(74, 8, 32), rand(75, 16, 32)
+  loss = lambda a, p: jnp.sum(jnp.sin(loss_kernels.einsum('nd,md->nm', a, b, p)))
+  g32 = np.asarray(jax.grad(loss)(a, 'float32'))
+  g16 = np.asarray(jax.grad(loss)(a, 'emulated_bf16'))
+  assert 0 < np.abs(g16 - g32).max() <= 0.05 * np.abs(g32).max()
+
+
+def test_precision_names():
+  assert losses.loss_precision('auto', 'cpu') == 'float32'
+  assert losses.loss_precision('auto', 'gpu') == 'tf32'
+  assert losses.loss_precision('auto', 'tpu') == 'bf16_3x'
+  assert losses.loss_precision('bf16', 'cpu') == 'bf16'
+  with pytest.raises(ValueError, match='loss.precision'):
+    losses.loss_precision('half', 'gpu')
+  with pytest.raises(ValueError, match='loss.precision'):
+    loss_kernels.einsum('nd,md->nm', jnp.ones((2, 3)), jnp.ones((2, 3)), 'emulated_fp8')
 
 
 # ----------------------------------------------------------------------------------------

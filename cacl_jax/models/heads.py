@@ -20,6 +20,7 @@ class PixelDense(nn.Module):
   """
   features: int
   dtype: Any = jnp.float32
+  out_dtype: Any = None   # the result's dtype (default: `dtype`); the product accumulates in it
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -27,11 +28,17 @@ class PixelDense(nn.Module):
                         jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jnp.einsum("...c,cf->...f", x, kernel[0, 0]) + bias
+    out = self.out_dtype or self.dtype
+    return jnp.einsum("...c,cf->...f", x, kernel[0, 0], preferred_element_type=out) + bias.astype(out)
 
 
 class Head(nn.Module):
-  """h: [B, h, w, C] → [B, h, w, D]."""
+  """h: [B, h, w, C] → [B, h, w, D] float32, whatever the compute dtype.
+
+  The last product accumulates and returns float32: the head's outputs feed the losses (float32,
+  SPEC §3) and the argmax of the match m(i), where bfloat16 outputs would round nearly equal
+  similarities to ties (which go to the lowest j: a top-left bias on accelerators only).
+  """
   embed_dim: int = 128
   dtype: Any = jnp.float32
 
@@ -39,4 +46,4 @@ class Head(nn.Module):
   def __call__(self, h: jax.Array) -> jax.Array:
     x = PixelDense(h.shape[-1], dtype=self.dtype, name="fc1")(h)
     x = nn.relu(x)
-    return PixelDense(self.embed_dim, dtype=self.dtype, name="fc2")(x)
+    return PixelDense(self.embed_dim, dtype=self.dtype, out_dtype=jnp.float32, name="fc2")(x)
