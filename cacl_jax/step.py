@@ -318,14 +318,9 @@ def create_state(model, tx, config, mesh: Mesh, seed: int) -> tuple[TrainState, 
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
-# XLA:CPU hands reductions, dots and convolutions to YNNPACK by default. The train step keeps
-# YNNPACK's dots, and its convolutions only for the narrow variants (below); never its reductions:
-# YNNPACK splits a reduction by the shape of the whole array, so BatchNorm's per-sample sums over
-# a 4×4 map came out 1 ulp apart for 2 and 17 samples on a device, which flipped ReLUs downstream
-# (the device-count invariance of `resnet.ordered_group_sum` needs every sample summed alike).
-_YNN = "xla_cpu_experimental_ynn_fusion_type"
-_YNN_CONVOLUTIONS = {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
-_EIGEN_CONVOLUTIONS = {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# XLA:CPU's default library fusions minus YNNPACK's convolutions (which then go to Eigen).
+_EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                       "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -340,21 +335,20 @@ def _compiler_accepts(option: str, value: str) -> bool:
 
 
 def compiler_options(config, mesh: Mesh) -> dict[str, str] | None:
-  """XLA options for the train step on a CPU: no YNNPACK reductions (above), and for full-width
-  backbones Eigen's convolutions instead of YNNPACK's.
+  """XLA options for the train step: on a CPU, full-width backbones get Eigen's convolutions.
 
-  YNNPACK's convolution kernels lose to Eigen's on the wide, dilated stages (28×28×512, dilation
-  4: forward, input and weight gradient 998 / 1041 / 1568 ms against 606 / 646 / 664) and win on
-  the narrow ones. Measured on the whole step (2-core CPU, loaded, README "Results"): R18 224 px
-  −22 %, R18 112 px −10 %, R50 112 px −38 %, R18 ÷4 112 px −4 %, but the ÷4 demo at 64 px +7 %:
-  so only full-width backbones take it. The numbers are float32 either way. GPUs and TPUs get
-  no options.
+  XLA:CPU hands every convolution to YNNPACK, whose kernels lose to Eigen's on the wide,
+  dilated stages (28×28×512, dilation 4: forward, input and weight gradient 998 / 1041 / 1568 ms
+  against 606 / 646 / 664) and win on the narrow ones. Measured on the whole step (2-core
+  CPU, loaded, README "Results"): R18 224 px −22 %, R18 112 px −10 %, R50 112 px −38 %, R18 ÷4
+  112 px −4 %, but the ÷4 demo at 64 px +7 %: so only full-width backbones take it. The
+  numbers are unchanged (both are float32 convolutions). GPUs and TPUs ignore it.
   """
-  if mesh.devices.flat[0].platform != "cpu":
+  platform = mesh.devices.flat[0].platform
+  if platform != "cpu" or config.model.get("width_divisor", 1) != 1:
     return None
-  options = _EIGEN_CONVOLUTIONS if config.model.get("width_divisor", 1) == 1 else _YNN_CONVOLUTIONS
-  (option, value), = options.items()
-  return dict(options) if _compiler_accepts(option, value) else None
+  (option, value), = _EIGEN_CONVOLUTIONS.items()
+  return dict(_EIGEN_CONVOLUTIONS) if _compiler_accepts(option, value) else None
 
 
 def layout_blocks(mesh: Mesh) -> int:

@@ -293,13 +293,16 @@ def test_local_multiprocess_commands():
 
 
 def test_multihost_gpu_commands_and_errors():
-  env = {"COORDINATOR": "h0:9999", "NUM_PROCESSES": "4", "PROCESS_ID": "3"}
+  env = {"COORDINATOR": "h0:9999", "NUM_PROCESSES": "4", "PROCESS_ID": "3", "PYTHON": "/opt/py/bin/python3"}
   out = sh("multihost_gpu.sh", "configs/cacl_r18_kinetics.py:mocov2", "/nfs/r", env=env)
   assert out.returncode == 0, out.stderr
-  assert out.stdout.split() == ["python", "-m", "cacl_jax.main", "--config",
+  assert out.stdout.split() == ["/opt/py/bin/python3", "-m", "cacl_jax.main", "--config",
                                 "configs/cacl_r18_kinetics.py:mocov2", "--workdir", "/nfs/r",
                                 "--coordinator_address", "h0:9999", "--num_processes", "4",
                                 "--process_id", "3"]
+  # Without PYTHON: this shell's python3 by its absolute path (hosts may not share a PATH).
+  plain = sh("multihost_gpu.sh", "c.py", "/w", env={k: v for k, v in env.items() if k != "PYTHON"})
+  assert plain.returncode == 0 and plain.stdout.split()[0].startswith("/")
   bad = sh("multihost_gpu.sh", "c.py", "/w", env={**env, "PROCESS_ID": "4"})
   assert bad.returncode == 2 and "PROCESS_ID must be in 0..3" in bad.stderr
   ssh = sh("multihost_gpu.sh", "c.py", "/w", env={"HOSTS": "a b", "PORT": "7"})

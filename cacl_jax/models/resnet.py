@@ -59,9 +59,13 @@ def unpad_blocks(x: jax.Array, blocks: int) -> jax.Array:
 
 
 def per_sample_sums(x: jax.Array) -> jax.Array:
-  """Σ over each sample's positions: [B, ..., C] → [B, C]. One reduction per sample, which
-  XLA computes the same way however many samples a device holds."""
-  return x.reshape(x.shape[0], -1, x.shape[-1]).sum(axis=1)
+  """Σ over each sample's positions: [B, ..., C] → [B, C], the same bits however many samples a
+  device holds. Written as a product with a vector of ones: XLA:CPU hands a plain reduction to
+  YNNPACK, which splits it by the shape of the whole array (a 4×4 map's sums came out an ulp
+  apart for 2 and 17 samples on a device, enough to flip ReLUs downstream); the product is
+  summed per sample alike (tests/test_step.py, the bit-identical forward pass)."""
+  x = x.reshape(x.shape[0], -1, x.shape[-1])
+  return jnp.einsum("bnc,n->bc", x, jnp.ones(x.shape[1], x.dtype), precision=jax.lax.Precision.HIGHEST)
 
 
 def ordered_group_sum(s: jax.Array, group: int, perm: jax.Array | None = None) -> jax.Array:
