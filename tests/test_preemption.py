@@ -89,7 +89,7 @@ config = tiny.get_config()
 config.data.num_workers = 2
 it = iter(pipeline.make_pretrain_dataset(config.data, global_batch_size=8, process_index=0,
                                          process_count=1, seed=0))
-next(it)
+next(it), next(it)   # one batch from each worker: both have run their worker_init
 print("ready", flush=True)
 time.sleep(600)
 """
