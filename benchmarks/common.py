@@ -42,7 +42,8 @@ def step_config(backbone="resnet18", width_divisor=1, image_size=112, batch=16, 
 def build_step(config, mesh=None, seed=0):
   """(compiled step, fresh state, synthetic uint8 batch on the mesh, compile seconds)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cacl_jax import optim, parallel, step as step_lib  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import parallel
   from cacl_jax.models.cacl import model_from_config  # pylint: disable=g-import-not-at-top
   mesh = mesh or parallel.make_mesh()
   model = model_from_config(config.model)

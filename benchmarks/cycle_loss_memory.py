@@ -25,7 +25,7 @@ import numpy as np
 
 # Runnable as a script from anywhere: the package is the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cacl_jax import losses  # noqa: E402  pylint: disable=g-import-not-at-top
+from cacl_jax.method import losses  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TAU = 0.07
 D = 128

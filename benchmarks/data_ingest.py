@@ -66,7 +66,7 @@ def write_clip(path: str, seconds: float, height: int, width: int, fps: int, see
 
 def time_prepare(src: str, out: str, workers: int, short_side: int,
                  quality: int) -> tuple[float, dict]:
-  from cacl_jax import prepare_data  # pylint: disable=g-import-not-at-top
+  from cacl_jax.data import prepare as prepare_data  # pylint: disable=g-import-not-at-top
   shutil.rmtree(out, ignore_errors=True)
   t0 = time.perf_counter()
   entry = prepare_data.main(["kinetics", "--src", src, "--out", out, "--workers", str(workers),

@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cacl_jax import parallel  # noqa: E402
+from cacl_jax.runtime import parallel  # noqa: E402
 from cacl_jax.data import synthetic  # noqa: E402
 from cacl_jax.evaluation import metrics, probe, segdata  # noqa: E402
 

@@ -61,7 +61,7 @@ def step_one_maps(config, seed: int = 0):
   """Head maps of the online network on v and the target on v+ at initialisation, and the
   queues: ({'u','p','c','u_gap'}, same for v+, {head: [K, D]})."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cacl_jax import optim, step as step_lib  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
   from cacl_jax.data import augment, pipeline  # pylint: disable=g-import-not-at-top
   from cacl_jax.models.cacl import model_from_config  # pylint: disable=g-import-not-at-top
   model = model_from_config(config.model)
@@ -80,7 +80,7 @@ def losses_at(precision, out, out_pos, queues, config):
   """(L_G, L_P, L_C) at `precision` (a `loss_kernels.einsum` name) and the gradient of their
   sum with respect to the online p and c maps."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cacl_jax import losses  # pylint: disable=g-import-not-at-top
+  from cacl_jax.method import losses  # pylint: disable=g-import-not-at-top
   tau, lc = config.loss.temperature, config.loss
 
   def terms(p, c):

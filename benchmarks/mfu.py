@@ -45,7 +45,9 @@ def step_flops(config, state, batch) -> float:
   chunk loops unrolled (a loop body counts once otherwise: the streamed negatives would be
   undercounted ~K/1024-fold). Only lowered, never compiled or run."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cacl_jax import loss_kernels, optim, parallel, step as step_lib  # pylint: disable=g-import-not-at-top
+  from cacl_jax.method import loss_kernels  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import optim, step as step_lib
+  from cacl_jax.runtime import parallel
   from cacl_jax.models.cacl import model_from_config  # pylint: disable=g-import-not-at-top
   model = model_from_config(config.model)
   tx, schedule = optim.make_optimizer(config)

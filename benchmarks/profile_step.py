@@ -83,7 +83,7 @@ def profile(compiled, state, batch, steps: int) -> tuple[list[dict], float, floa
   and the seconds per step during which at least one traced op ran.
 
   XLA:CPU traces its kernel and library-fusion thunks but not Eigen's convolutions (which
-  full-width backbones use on a CPU, `step.compiler_options`): the wall time no traced op
+  full-width backbones use on a CPU, `xla_cpu.compiler_options`): the wall time no traced op
   covers is reported as theirs."""
   import jax  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
@@ -168,14 +168,15 @@ def main():
   ap.add_argument("--top", type=int, default=10)
   ap.add_argument("--out", default=os.path.join(common.RESULTS, "profile_step.json"))
   args = ap.parse_args()
-  from cacl_jax import parallel, step as step_lib  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import xla_cpu
 
   results = []
   for size in args.size:
     config = common.step_config(args.backbone, args.width, size, args.batch, args.queue,
                                 soft_cycle=args.soft_cycle, dtype=args.dtype)
     compiled, state, batch, compile_s = common.build_step(config)
-    options = step_lib.compiler_options(config, parallel.make_mesh())
+    options = xla_cpu.compiler_options(config, parallel.make_mesh())
     rows, wall, covered = profile(compiled, state, batch, args.steps)
     summary = summarize(rows, args.top)
     setting = f"{args.backbone} ÷{args.width}, {size} px, batch {args.batch}, K {args.queue}"

@@ -126,7 +126,7 @@ def analyse(config, mesh, blocks: int = 0) -> dict:
   kind, the largest collective, peak memory. blocks=0: the accelerators' program."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cacl_jax import optim, step as step_lib  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
   from cacl_jax.models.cacl import model_from_config  # pylint: disable=g-import-not-at-top
   model = model_from_config(config.model)
   tx, schedule = optim.make_optimizer(config)
@@ -155,7 +155,7 @@ def analyse(config, mesh, blocks: int = 0) -> dict:
 
 
 def _child(name: str, devices: int, per_device_batch: int) -> None:
-  from cacl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
   row = analyse(model_config(name, per_device_batch, devices), parallel.make_mesh(devices))
   print("RESULT " + json.dumps(row), flush=True)
 

@@ -40,7 +40,8 @@ def analyse(backbone, height, width, batch, queue, dtype, soft_cycle, devices=8)
   byte counts per device."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from cacl_jax import optim, parallel, step as step_lib  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import parallel
   from cacl_jax.models.cacl import model_from_config  # pylint: disable=g-import-not-at-top
   total = batch * devices
   group = max(g for g in range(1, min(total, 32) + 1) if total % g == 0)
@@ -50,7 +51,7 @@ def analyse(backbone, height, width, batch, queue, dtype, soft_cycle, devices=8)
   model = model_from_config(config.model)
   tx, schedule = optim.make_optimizer(config)
   abstract = jax.eval_shape(lambda: step_lib.init_state(model, tx, config, 0))
-  # blocks=0: the accelerators' program (no per-device zero sample, `step.layout_blocks`).
+  # blocks=0: the accelerators' program (no per-device zero sample, `xla_cpu.layout_blocks`).
   fn = step_lib.jit_train_step(model, tx, schedule, config, mesh,
                                step_lib.state_shardings(abstract, mesh), blocks=0)
   images = jax.ShapeDtypeStruct((total, height, width, 3), jnp.uint8)

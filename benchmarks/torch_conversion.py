@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import torch_reference as ref  # noqa: E402
-from cacl_jax import convert, torch_layout  # noqa: E402
+from cacl_jax.interop import convert, torch_layout  # noqa: E402
 from cacl_jax.models import resnet  # noqa: E402
 
 

@@ -43,10 +43,14 @@ def main():
   args = ap.parse_args()
   if args.devices:
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+    from cacl_jax.runtime import cli  # pylint: disable=g-import-not-at-top
+    cli.use_default_cpu_scheduler()
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cacl_jax import defaults, optim, parallel, step as step_lib  # pylint: disable=g-import-not-at-top
+  from cacl_jax import defaults  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import optim, step as step_lib
+  from cacl_jax.runtime import parallel
   from cacl_jax.models.cacl import model_from_config  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh()

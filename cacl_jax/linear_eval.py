@@ -26,7 +26,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cacl_jax import cli
+from cacl_jax.runtime import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file.",
                                           lock_config=True)
@@ -42,7 +42,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing, so that --help and flag mistakes answer at once.
-  from cacl_jax import parallel, paths, train  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import parallel, paths  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import train
   from cacl_jax.evaluation import probe  # pylint: disable=g-import-not-at-top
   # SIGTERM outside the probe's training loop (start-up, restore, the evaluation): stop at once,
   # exit 0, nothing lost; inside the loop the probe takes it over to save the step first.
@@ -68,7 +69,7 @@ def main(argv):
 def _preempted(signum, frame):
   del signum, frame
   signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not interrupt the exit
-  from cacl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import parallel  # pylint: disable=g-import-not-at-top
   raise parallel.Preempted("SIGTERM outside the probe's training loop: stopped, nothing lost")
 
 

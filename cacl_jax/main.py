@@ -23,7 +23,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from cacl_jax import cli
+from cacl_jax.runtime import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Pretraining config file (file.py or file.py:variant).",
@@ -41,7 +41,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   # Imported after flag parsing so that `--help` and flag errors are instant.
-  from cacl_jax import parallel, runlock, train  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import parallel, runlock  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import train
   from cacl_jax.evaluation import demo  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
@@ -66,7 +67,7 @@ def main(argv):
 def _preempted(signum, frame):
   del signum, frame
   signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not interrupt the exit
-  from cacl_jax import train  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import train  # pylint: disable=g-import-not-at-top
   raise train.Preempted("SIGTERM outside the training loop: stopped, nothing lost")
 
 

@@ -15,7 +15,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cacl_jax import cli
+from cacl_jax.runtime import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Propagation config file.",
                                           lock_config=True)

@@ -71,7 +71,7 @@ NUM_EPOCHS = 200
 _MOCOV2 = {"loss.weights.global": 1.0, "loss.weights.pixel": 0.0, "loss.weights.cycle": 0.0}
 _TWO_HEADS = {"loss.weights.global": 1.0, "loss.weights.pixel": 1.0, "loss.weights.cycle": 0.0}
 _CACL = {}
-# The seeds' alternatives (cacl_jax/pixpro.py, cacl_jax/negatives.py). τ⁺ = 0.1: the value
+# The seeds' alternatives (cacl_jax/method/pixpro.py, cacl_jax/method/negatives.py). τ⁺ = 0.1: the value
 # Chuang et al.'s code uses for ImageNet-scale class counts. MoCHi (N̄, s, s'): N̄ hardest of
 # the queue, s negatives mixed from pairs of them, s' from the query and one of them; for L_P,
 # fewer per pixel (its [B·N, s + s', D] synthetic block is per pixel).

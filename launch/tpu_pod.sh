@@ -170,7 +170,7 @@ setup() {
   install+=" && python3 -m pip install --user --quiet --upgrade uv"
   install+=" && \$HOME/.local/bin/uv venv --quiet --allow-existing --python $python_version ${remote_venv}"
   install+=" && \$HOME/.local/bin/uv pip install --quiet --python ${remote_venv}/bin/python"
-  # requirements-gcs.txt: gcsfs, which gs:// workdirs need (cacl_jax/paths.py).
+  # requirements-gcs.txt: gcsfs, which gs:// workdirs need (cacl_jax/runtime/paths.py).
   install+=" -r ${remote_repo}/requirements.txt -r ${remote_repo}/requirements-gcs.txt 'jax[tpu]==$jax_version'"
   install+=" && ${remote_venv}/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
   on_workers all "$install"

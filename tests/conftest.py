@@ -9,7 +9,7 @@ if "xla_force_host_platform_device_count" not in _flags:
 # buy nothing measurable at these sizes (see README, "Tests"). Numerics are unchanged.
 if "xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
-if "concurrency_optimized_scheduler" not in _flags:   # see cacl_jax/__init__.py
+if "concurrency_optimized_scheduler" not in _flags:   # see cacl_jax/runtime/cli.py
   _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

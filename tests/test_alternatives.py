@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cacl_jax import defaults, losses, negatives, pixpro
-from cacl_jax import step as step_lib
+from cacl_jax import defaults
+from cacl_jax.method import losses, negatives, pixpro
+from cacl_jax.training import step as step_lib
 from cacl_jax.models.cacl import model_from_config
 from test_losses import (TAU, _directional_check, close, maps, np_l2n, np_lse, rand, ref_global,
                          ref_match, ref_pixel)

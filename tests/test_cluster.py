@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from cacl_jax import convert, defaults, parallel
+from cacl_jax.interop import convert
+from cacl_jax import defaults
+from cacl_jax.runtime import parallel
 from cacl_jax.evaluation import cluster, metrics, probe
 
 NUM_VAL = 10

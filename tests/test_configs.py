@@ -15,7 +15,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from cacl_jax import parallel, step, train
+from cacl_jax.runtime import parallel
+from cacl_jax.training import step, train
 from cacl_jax.models.cacl import model_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,7 +22,10 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import torch_reference as ref  # noqa: E402  (tests/ is on sys.path under pytest)
 
-from cacl_jax import checkpoint, convert, defaults, parallel, step as step_lib, torch_layout, train  # noqa: E402
+from cacl_jax.runtime import checkpoint, parallel  # noqa: E402
+from cacl_jax.interop import convert, torch_layout
+from cacl_jax import defaults
+from cacl_jax.training import step as step_lib, train
 from cacl_jax.models import resnet  # noqa: E402
 from cacl_jax.models.cacl import model_from_config  # noqa: E402
 
@@ -134,7 +137,7 @@ def test_to_torch_loads_strict_and_round_trips_exactly(r18):
 
 
 def convert_optimizer(c):
-  from cacl_jax import optim  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import optim  # pylint: disable=g-import-not-at-top
   return optim.make_optimizer(c)[0]
 
 

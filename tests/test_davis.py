@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cacl_jax import convert, defaults, prepare_data, viz
+from cacl_jax.interop import convert
+from cacl_jax import defaults
+from cacl_jax.data import prepare as prepare_data
+from cacl_jax.runtime import viz
 from cacl_jax.data import augment
 from cacl_jax.data import davis as davis_data
 from cacl_jax.evaluation import davis, metrics, probe, propagation
@@ -290,7 +293,7 @@ def test_cli_bad_data_root_is_one_line(tmp_path):
 
 def test_head_features_option_reads_the_checkpoints_head(davis_run):
   """--config.features=u: g_G on the backbone map, unit vectors of the head's dimension."""
-  from cacl_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
   pre = checkpoint.restore_pretrained(str(davis_run["tmp"] / "run"))
   frames = davis_run["sequences"]["translate"][0][:2]
   u = np.asarray(davis.make_encoder(pre, "u")(frames))

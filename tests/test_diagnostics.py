@@ -1,10 +1,11 @@
-"""The learning diagnostics (cacl_jax/diagnostics.py) on hand-made cases and on the synthetic
+"""The learning diagnostics (cacl_jax/training/diagnostics.py) on hand-made cases and on the synthetic
 renderer's ground truth."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cacl_jax import defaults, diagnostics
+from cacl_jax import defaults
+from cacl_jax.training import diagnostics
 from cacl_jax.data import synthetic
 
 

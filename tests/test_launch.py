@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from cacl_jax import parallel
+from cacl_jax.runtime import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = {"TPU_NAME": "cacl", "ZONE": "us-east5-b", "DRY_RUN": "1"}
@@ -130,7 +130,7 @@ def test_coordinator_flags_go_together():
 
 FLAGS_UNDER_SRUN = """
 import jax
-from cacl_jax import parallel
+from cacl_jax.runtime import parallel
 print(parallel.initialize_distributed("127.0.0.1:{port}", 1, 0), jax.process_count(),
       jax.config.values["jax_cuda_visible_devices"])
 """

@@ -20,7 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from cacl_jax import checkpoint, defaults, optim, parallel, step as step_lib
+from cacl_jax.runtime import checkpoint, parallel
+from cacl_jax import defaults
+from cacl_jax.training import optim, step as step_lib
 from cacl_jax.data import synthetic
 from cacl_jax.evaluation import probe, segdata
 from cacl_jax.models.cacl import model_from_config

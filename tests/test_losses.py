@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cacl_jax import loss_kernels, losses
+from cacl_jax.method import loss_kernels, losses
 
 TAU = 0.07
 

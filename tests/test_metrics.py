@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cacl_jax import parallel
+from cacl_jax.runtime import parallel
 from cacl_jax.evaluation import metrics
 
 # Five classes. Class 3 is absent from GT and prediction, class 2 is never predicted, class 4

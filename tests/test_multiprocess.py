@@ -27,7 +27,8 @@ import jax
 import numpy as np
 import pytest
 
-from cacl_jax import checkpoint, optim, parallel, step as step_lib
+from cacl_jax.runtime import checkpoint, parallel
+from cacl_jax.training import optim, step as step_lib
 from cacl_jax.data import pipeline
 from cacl_jax.models.cacl import model_from_config
 import tiny

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from cacl_jax import checkpoint
+from cacl_jax.runtime import checkpoint
 from cacl_jax.data import pipeline
 import tiny
 

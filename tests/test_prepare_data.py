@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
-from cacl_jax import prepare_data
+from cacl_jax.data import prepare as prepare_data
 from cacl_jax.data import decode
 from cacl_jax.data import real
 from cacl_jax.data.builders import base

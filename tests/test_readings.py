@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cacl_jax import defaults, losses, pixel_shuffle
-from cacl_jax import step as step_lib
+from cacl_jax import defaults
+from cacl_jax.method import losses, pixel_shuffle
+from cacl_jax.training import step as step_lib
 from cacl_jax.models.cacl import model_from_config
 from cacl_jax.models.resnet import ResNet, pad_blocks, unpad_blocks
 from test_losses import TAU, close, maps, np_l2n, np_lse, np_softmax, rand, ref_match

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cacl_jax import prepare_data
+from cacl_jax.data import prepare as prepare_data
 from cacl_jax.data import decode
 from cacl_jax.data import real
 from tests import test_prepare_data as videos
@@ -222,7 +222,7 @@ def test_successive_epochs_draw_new_pairs_at_the_stride(kinetics_dir):
 
 def test_pretraining_runs_a_few_steps_from_prepared_kinetics(kinetics_dir, tmp_path):
   import tiny  # pylint: disable=g-import-not-at-top  (tests/tiny.py: the trainer tests' shapes, compile-cached)
-  from cacl_jax import train  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import train  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   with config.unlocked():
     config.data.name = "kinetics"

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import pytest
 from etils import epath
 
-from cacl_jax import checkpoint, config_diff, metrics_log, optim, paths, runlock
+from cacl_jax.runtime import checkpoint, config_diff, metrics_log, paths, runlock
+from cacl_jax.training import optim
 import tiny
 
 

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cacl_jax import convert, defaults, parallel, prepare_data
+from cacl_jax.interop import convert
+from cacl_jax import defaults
+from cacl_jax.runtime import parallel
+from cacl_jax.data import prepare as prepare_data
 from cacl_jax.evaluation import dense_nn, probe, retrieval
 from tests import test_real_data as real_trees
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cacl_jax import parallel
+from cacl_jax.runtime import parallel
 import tiny
 
 sys.path.insert(0, os.path.join(tiny.ROOT, "benchmarks"))

@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cacl_jax import defaults, ema, optim, parallel, pixel_shuffle, queue
-from cacl_jax import step as step_lib
+from cacl_jax import defaults
+from cacl_jax.method import ema, pixel_shuffle, queue
+from cacl_jax.training import optim
+from cacl_jax.runtime import parallel
+from cacl_jax.training import step as step_lib, xla_cpu
 from cacl_jax.data import pipeline
 from cacl_jax.models.cacl import model_from_config, with_layout_blocks
 from cacl_jax.models.resnet import GroupBatchNorm, compute_dtype
@@ -277,12 +280,12 @@ def test_the_train_forward_pass_is_bit_identical_on_any_device_count():
   outputs = []
   for n in (1, 2, 8):
     mesh = parallel.make_mesh(n)
-    padded = with_layout_blocks(model, step_lib.layout_blocks(mesh))
+    padded = with_layout_blocks(model, xla_cpu.layout_blocks(mesh))
     forward = jax.jit(lambda v, x: step_lib.forward(padded, v["params"], v["batch_stats"], x, None,
                                                     perm)[0],
                       in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
                       out_shardings=parallel.replicated(mesh))
-    forward = forward.lower(variables, x).compile(step_lib.compiler_options(c, mesh))
+    forward = forward.lower(variables, x).compile(xla_cpu.compiler_options(c, mesh))
     outputs.append(parallel.to_host(forward(variables, x)))
   for n, out in zip((2, 8), outputs[1:]):
     for k in ("h", "u", "p", "c"):
@@ -391,10 +394,10 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
 def test_cpu_compiler_options_go_to_full_width_backbones_and_keep_the_numbers():
   c = tiny_config()
   mesh = parallel.make_mesh(1)
-  assert step_lib.compiler_options(c, mesh) is None          # the narrow variants keep XLA's default
+  assert xla_cpu.compiler_options(c, mesh) is None          # the narrow variants keep XLA's default
   c.model.width_divisor = 1
-  options = step_lib.compiler_options(c, mesh)
-  assert options == step_lib._EIGEN_CONVOLUTIONS
+  options = xla_cpu.compiler_options(c, mesh)
+  assert options == xla_cpu._EIGEN_CONVOLUTIONS
   # The same float32 convolution, another library: equal up to rounding.
   x = jax.random.normal(jax.random.key(0), (2, 12, 12, 32))
   w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cacl_jax import sweep_summary
+from cacl_jax.evaluation import sweep_summary
 import tiny
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_sweep.py")

@@ -34,7 +34,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from cacl_jax import checkpoint, fingerprint, parallel
+from cacl_jax.runtime import checkpoint, fingerprint, parallel
 from cacl_jax.data import pipeline
 import tiny
 

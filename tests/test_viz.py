@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cacl_jax import viz
+from cacl_jax.runtime import viz
 
 
 def test_voc_palette_matches_the_dataset():

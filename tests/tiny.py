@@ -221,7 +221,8 @@ def restore_state(workdir, step: int, mesh):
   shardings (queues split along K), through the product's `checkpoint.restore`."""
   # Imported here, not at the top: this file is also the config that `main` loads first.
   import jax  # pylint: disable=g-import-not-at-top
-  from cacl_jax import checkpoint, optim, step as step_lib  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
+  from cacl_jax.training import optim, step as step_lib
   from cacl_jax.models.cacl import model_from_config  # pylint: disable=g-import-not-at-top
 
   config = checkpoint.read_config(workdir, step)

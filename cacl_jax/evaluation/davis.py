@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cacl_jax import paths, viz
+from cacl_jax.runtime import paths, viz
 from cacl_jax.data import augment
 from cacl_jax.data import davis as davis_data
 from cacl_jax.evaluation import metrics as metrics_lib
@@ -149,7 +149,7 @@ def format_table(results: dict) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The `propagate` program: restore → features → propagate → J & F → WORKDIR/results.json."""
-  from cacl_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
   if not config.get("pretrained"):
     raise ValueError("config.pretrained must name a pretraining workdir "
                      "(--config.pretrained=PRETRAIN_DIR, or a `convert from-torch` DIR)")

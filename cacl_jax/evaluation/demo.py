@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cacl_jax import parallel, paths, runlock
+from cacl_jax.runtime import parallel, paths, runlock
 from cacl_jax.evaluation import metrics as metrics_lib
 from cacl_jax.evaluation import cluster, probe, retrieval, segdata
 

@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
-from cacl_jax import parallel, paths
+from cacl_jax.runtime import parallel, paths
 from cacl_jax.evaluation import demo, segdata
 
 FLAGS = flags.FLAGS

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cacl_jax import checkpoint, paths, pixel_shuffle
+from cacl_jax.runtime import checkpoint, paths
+from cacl_jax.method import pixel_shuffle
 from cacl_jax.data import augment, synthetic
-from cacl_jax.diagnostics import cell_labels
+from cacl_jax.training.diagnostics import cell_labels
 from cacl_jax.evaluation import probe, segdata
 from cacl_jax.models.cacl import model_from_config
 

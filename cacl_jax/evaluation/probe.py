@@ -31,9 +31,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from cacl_jax import parallel
-from cacl_jax import paths
-from cacl_jax import viz
+from cacl_jax.runtime import parallel
+from cacl_jax.runtime import paths
+from cacl_jax.runtime import viz
 from cacl_jax.data import augment
 from cacl_jax.evaluation import metrics as metrics_lib
 from cacl_jax.evaluation import probe_loop
@@ -356,7 +356,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, mesh=No
   every device) and writes results.json with the metrics,
   `checkpoint_step`, `checkpoint_path` and the evaluation config (process 0).
   """
-  from cacl_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import checkpoint  # pylint: disable=g-import-not-at-top
   from cacl_jax.evaluation import cluster, retrieval  # pylint: disable=g-import-not-at-top
   protocol = config.get("protocol", "linear")
   probes = {"linear": linear_probe, "cluster": cluster.cluster_probe,

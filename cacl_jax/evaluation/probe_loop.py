@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cacl_jax import checkpoint, config_diff, metrics_log, parallel, paths
+from cacl_jax.runtime import checkpoint, config_diff, metrics_log, parallel, paths
 
 LOG = "probe_metrics.jsonl"
 KEEP = 2   # the newest checkpoint, and the one before should the newest not restore

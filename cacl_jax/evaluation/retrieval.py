@@ -43,9 +43,9 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from cacl_jax import parallel
-from cacl_jax import paths
-from cacl_jax import viz
+from cacl_jax.runtime import parallel
+from cacl_jax.runtime import paths
+from cacl_jax.runtime import viz
 from cacl_jax.data import augment
 from cacl_jax.evaluation import dense_nn
 from cacl_jax.evaluation import metrics as metrics_lib

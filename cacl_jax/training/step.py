@@ -15,23 +15,24 @@ on any number of devices: sharding only decides where the work runs.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cacl_jax import ema, losses, pixel_shuffle, pixpro, queue
+from cacl_jax.method import ema, losses, pixel_shuffle, pixpro, queue
 from cacl_jax.data import augment
 from cacl_jax.models.cacl import with_layout_blocks
 from cacl_jax.models.resnet import DTYPES, PADDINGS
-from cacl_jax.parallel import DATA
+from cacl_jax.training import xla_cpu
+# The state's constructors are the step's: callers (and the outside checks, which find
+# `jit_train_step` by name) build the step's state from this one module.
+from cacl_jax.training.state import HEADS, TrainState, create_state, init_state, state_shardings  # noqa: F401
+from cacl_jax.runtime.parallel import DATA
 
-HEADS = ("global", "pixel", "cycle")
 # Where GAP sits for L_G (SPEC §9): 'after_head' q = l2n(mean_i g_G(h)_i); 'before_head'
 # q = l2n(g_G(mean_i h_i)), MoCo-v2's order. u = g_G(h) per pixel defines A and T either way.
 GLOBAL_POOLS = ("after_head", "before_head")
@@ -50,17 +51,6 @@ def affinity_maps(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], conf
   return (jax.lax.stop_gradient(_flat(out[key])), jax.lax.stop_gradient(_flat(out_pos[key])))
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array               # int32 []
-  params: Any                   # online θo
-  batch_stats: Any              # online BN running statistics
-  target_params: Any            # θt, EMA of θo
-  target_batch_stats: Any       # the target's own running statistics
-  opt_state: Any
-  queues: dict[str, jax.Array]  # head → float32 [K, D] unit vectors, sharded along K
-  queue_ptrs: dict[str, jax.Array]  # head → int32 [], the oldest entry
-  rng: jax.Array                # uint32 key data
 
 
 def enqueue_counts(config) -> dict[str, int]:
@@ -106,23 +96,6 @@ def check_config(config) -> None:
     raise ValueError("loss.weights: at least one head needs a non-zero weight")
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, config, seed: int) -> TrainState:
-  """A fresh state (call under jit with out_shardings to create it already sharded)."""
-  key = jax.random.key(seed)
-  k_init, k_q, k_state = jax.random.split(key, 3)
-  size = config.data.image_size
-  # The smallest batch the BN grouping accepts: init only needs shapes.
-  init_batch = config.model.bn_group_size if config.model.get("bn_mode", "group") == "group" else 1
-  variables = model.init(k_init, jnp.zeros((init_batch, size, size, 3)), train=True)
-  params, stats = variables["params"], variables["batch_stats"]
-  dim = model.embed_dim
-  queues = {h: queue.init(k, config.queue.size, dim) for h, k in zip(HEADS, jax.random.split(k_q, 3))}
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-      target_params=jax.tree.map(jnp.copy, params), target_batch_stats=jax.tree.map(jnp.copy, stats),
-      opt_state=tx.init(params), queues=queues,
-      queue_ptrs={h: jnp.zeros((), jnp.int32) for h in HEADS},
-      rng=jax.random.key_data(k_state))
 
 
 def _flat(x: jax.Array) -> jax.Array:
@@ -295,68 +268,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 # ---------------------------------------------------------------- sharding & jit
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
-  """Replicated everywhere except the queues, which are split along K over 'data'."""
-  rep = NamedSharding(mesh, P())
-  shardings = jax.tree.map(lambda _: rep, abstract_state)
-  return shardings.replace(queues={h: NamedSharding(mesh, P(DATA, None)) for h in abstract_state.queues})
 
 
-def check_queue_sharding(config, mesh: Mesh) -> None:
-  n = mesh.devices.size
-  if config.queue.size % n:
-    raise ValueError(f"queue.size={config.queue.size} must be divisible by the {n} devices "
-                     "(the queues are sharded along K)")
-
-
-def create_state(model, tx, config, mesh: Mesh, seed: int) -> tuple[TrainState, TrainState]:
-  """Builds the state already sharded: eval_shape → shardings → jit(init, out_shardings).
-  Returns (state, its shardings)."""
-  check_queue_sharding(config, mesh)
-  init = lambda: init_state(model, tx, config, seed)
-  shardings = state_shardings(jax.eval_shape(init), mesh)
-  return jax.jit(init, out_shardings=shardings)(), shardings
-
-
-# XLA:CPU's default library fusions minus YNNPACK's convolutions (which then go to Eigen).
-_EIGEN_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                       "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
-@functools.lru_cache(maxsize=None)
-def _compiler_accepts(option: str, value: str) -> bool:
-  """Whether this jaxlib knows `option=value` (the flag is experimental and may change)."""
-  try:
-    jax.jit(lambda x: x + 1).lower(jnp.zeros((2,), jnp.float32)).compile(
-        compiler_options={option: value})
-    return True
-  except Exception:  # pylint: disable=broad-except
-    return False
-
-
-def compiler_options(config, mesh: Mesh) -> dict[str, str] | None:
-  """XLA options for the train step: on a CPU, full-width backbones get Eigen's convolutions.
-
-  XLA:CPU hands every convolution to YNNPACK, whose kernels lose to Eigen's on the wide,
-  dilated stages (28×28×512, dilation 4: forward, input and weight gradient 998 / 1041 / 1568 ms
-  against 606 / 646 / 664) and win on the narrow ones. Measured on the whole step (2-core
-  CPU, loaded, README "Results"): R18 224 px −22 %, R18 112 px −10 %, R50 112 px −38 %, R18 ÷4
-  112 px −4 %, but the ÷4 demo at 64 px +7 %: so only full-width backbones take it. The
-  numbers are unchanged (both are float32 convolutions). GPUs and TPUs ignore it.
-  """
-  platform = mesh.devices.flat[0].platform
-  if platform != "cpu" or config.model.get("width_divisor", 1) != 1:
-    return None
-  (option, value), = _EIGEN_CONVOLUTIONS.items()
-  return dict(_EIGEN_CONVOLUTIONS) if _compiler_accepts(option, value) else None
-
-
-def layout_blocks(mesh: Mesh) -> int:
-  """How many `resnet.pad_blocks` blocks the train step's network pads the batch into: one
-  per device on a CPU, where XLA's convolution kernels round a device's last output pixels
-  differently (their remainder path) and so would make the numbers depend on the device
-  count; 0 (no padding) on GPUs and TPUs."""
-  return mesh.devices.size if mesh.devices.flat[0].platform == "cpu" else 0
 
 
 def jit_train_step(model, tx, schedule, config, mesh: Mesh, shardings: TrainState,
@@ -364,8 +277,8 @@ def jit_train_step(model, tx, schedule, config, mesh: Mesh, shardings: TrainStat
   """jit(train_step) over the mesh: batch split on 'data', state donated, metrics replicated.
   `blocks` overrides `layout_blocks(mesh)` (0: compile as a GPU or TPU does, unpadded)."""
   batch_sharding = NamedSharding(mesh, P(DATA))
-  model = with_layout_blocks(model, layout_blocks(mesh) if blocks is None else blocks)
+  model = with_layout_blocks(model, xla_cpu.layout_blocks(mesh) if blocks is None else blocks)
   step = lambda s, b: train_step(s, b, model=model, tx=tx, schedule=schedule, config=config, mesh=mesh)
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0,
-                 compiler_options=compiler_options(config, mesh))
+                 compiler_options=xla_cpu.compiler_options(config, mesh))

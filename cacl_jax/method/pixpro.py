@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cacl_jax import losses
+from cacl_jax.method import losses
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

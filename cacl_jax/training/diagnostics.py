@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cacl_jax import losses, pixel_shuffle
+from cacl_jax.method import losses, pixel_shuffle
 from cacl_jax.data import augment, synthetic
 
 MAPS = ("h", "u", "p", "c")

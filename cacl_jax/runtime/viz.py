@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
 
-from cacl_jax import paths  # noqa: E402
+from cacl_jax.runtime import paths  # noqa: E402
 
 IGNORE_LABEL = 255
 IGNORE_COLOR = (224, 224, 192)   # VOC's colour for the void border

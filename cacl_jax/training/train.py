@@ -33,8 +33,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from cacl_jax import (checkpoint, config_diff, diagnostics, fingerprint, metrics_log, optim,
-                      parallel, paths, runlock, step as step_lib, viz)
+from cacl_jax.runtime import checkpoint, config_diff, fingerprint, metrics_log, parallel, paths, runlock, viz
+from cacl_jax.training import diagnostics, optim, state as state_lib, step as step_lib
 from cacl_jax.data import augment, pipeline
 from cacl_jax.models.cacl import model_from_config
 
@@ -63,7 +63,7 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
   """Every check that can fail fast, before any data is read or any array is built."""
   parallel.check_batch_size(config.batch_size, mesh)
   step_lib.check_config(config)
-  step_lib.check_queue_sharding(config, mesh)
+  state_lib.check_queue_sharding(config, mesh)
   optim.warmup_steps(config)
   for key in ("total_steps", "checkpoint_every_steps", "log_every_steps"):
     if int(config[key]) <= 0:

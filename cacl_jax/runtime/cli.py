@@ -1,6 +1,9 @@
-"""Flag parsing shared by the entry points: every flag or config mistake is one line."""
+"""Flag parsing shared by the entry points: every flag or config mistake is one line; and the
+one XLA flag a process must carry before JAX starts."""
 from __future__ import annotations
 
+import os
+import re
 import sys
 
 from absl import flags
@@ -14,6 +17,7 @@ def parse_flags(program: str):
   flags.Error whose text ends with the file's traceback: both would print pages by default.
   """
   def parse(argv: list[str]) -> list[str]:
+    use_default_cpu_scheduler()
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
@@ -28,6 +32,21 @@ def parse_flags(program: str):
     except (TypeError, ValueError) as e:
       sys.exit(f"{program}: error: bad --config override: {e}")
   return parse
+
+
+def use_default_cpu_scheduler(environ=os.environ) -> None:
+  """Several CPU devices in one process (XLA_FLAGS=--xla_force_host_platform_device_count=N,
+  the tests' and the device-count checks' setting): XLA:CPU's concurrency-optimised scheduler
+  can order one device's collectives so that each device waits in a rendezvous another cannot
+  reach. The demo's train step on 4 CPU devices deadlocked every time with it (all-gathers over
+  device pairs against the gradients' all-reduce; XLA aborts after 40 s); with XLA's default
+  scheduler it runs, with the same arithmetic (scheduling orders the ops, it does not change
+  them). Call it before JAX creates its CPU client (every entry point does, through
+  `parse_flags`); a user's own setting of the flag wins."""
+  flags = environ.get("XLA_FLAGS", "")
+  devices = re.search(r"xla_force_host_platform_device_count=(\d+)", flags)
+  if devices and int(devices.group(1)) > 1 and "concurrency_optimized_scheduler" not in flags:
+    environ["XLA_FLAGS"] = (flags + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 
 def _last_line(text: str) -> str:

@@ -22,7 +22,7 @@ import json
 
 from etils import epath
 
-from cacl_jax import paths
+from cacl_jax.runtime import paths
 
 FILE = "metrics.jsonl"
 

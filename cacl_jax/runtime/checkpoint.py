@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint._src.serialization import type_handler_registry
 
-from cacl_jax import paths
+from cacl_jax.runtime import parallel, paths
 
 # Orbax writes a replicated array "replica-parallel": one slice per replica, each slice a
 # dispatched device op. For a ResNet state (hundreds of small replicated arrays, 8 replicas)
@@ -187,14 +187,13 @@ class Pretrained:
 def restore_pretrained(pretrain_workdir: str, step: int | None = None) -> Pretrained:
   """The online backbone's params and BN statistics from `pretrain_workdir` (newest or `step`).
 
-  The target is dropped; the online heads come along in `heads` (for an evaluation that reads
-  a head's features, e.g. `propagate`). Works on any device count: the whole state is
-  restored replicated on this process' devices, then the backbone is taken to host memory.
+  A partial restore: only the state's `params` and `batch_stats` are read, with the shapes and
+  dtypes the checkpoint itself records, so no model, optimiser or train step is built to read a
+  backbone (the target, the optimiser state and the queues stay on disk). The online heads come
+  along in `heads` (for an evaluation that reads a head's features, e.g. `propagate`). Works on
+  any device count: the arrays are restored replicated on this process' devices, then taken to
+  host memory.
   """
-  # Imported here: step.py pulls in the model and losses, which the checkpoint layer itself
-  # does not need for saving.
-  from cacl_jax import optim, parallel, step as step_lib  # pylint: disable=g-import-not-at-top
-  from cacl_jax.models.cacl import model_from_config  # pylint: disable=g-import-not-at-top
 
   if not epath.Path(checkpoint_dir(pretrain_workdir)).is_dir():
     raise FileNotFoundError(f"no checkpoints under {checkpoint_dir(pretrain_workdir)}: "
@@ -208,16 +207,19 @@ def restore_pretrained(pretrain_workdir: str, step: int | None = None) -> Pretra
     raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoint_dir(pretrain_workdir)} "
                             f"(available: {sorted(available)})")
   config = read_config(pretrain_workdir, step)
-  model = model_from_config(config.model)
-  tx, _ = optim.make_optimizer(config)
   mesh = parallel.make_mesh(jax.local_device_count()) if jax.process_count() == 1 else parallel.make_mesh()
-  shapes = jax.eval_shape(lambda: step_lib.init_state(model, tx, config, 0))
   rep = parallel.replicated(mesh)
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), shapes)
-  state = restore(mngr, step, target)
+  recorded = ocp.StandardCheckpointer().metadata(epath.Path(checkpoint_dir(pretrain_workdir)) / str(step) / "state")
+  recorded = getattr(recorded, "item_metadata", recorded)
+  target = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=rep), recorded[k])
+            for k in ("params", "batch_stats")}
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))["state"]
   mngr.close()
   host = lambda t: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), t)
-  return Pretrained(params=host(state.params["backbone"]), batch_stats=host(state.batch_stats["backbone"]),
+  return Pretrained(params=host(state["params"]["backbone"]),
+                    batch_stats=host(state["batch_stats"]["backbone"]),
                     step=step, path=str(epath.Path(checkpoint_dir(pretrain_workdir)) / str(step)),
                     config=config,
-                    heads=host({k: v for k, v in state.params.items() if k != "backbone"}))
+                    heads=host({k: v for k, v in state["params"].items() if k != "backbone"}))
