@@ -19,7 +19,7 @@ def step_config(backbone="resnet18", width_divisor=1, image_size=112, batch=16, 
   """The CACL pretraining config at one benchmark shape (defaults: the PyTorch peer's shape:
   hard cycle, three heads, K = 16384, BN over the whole batch of one device).
 
-  readings: 'peer' — the losses of the PyTorch peer (`../shared/bench/torch_peer.py`), SPEC §3's
+  readings: 'peer' — the losses of the PyTorch peer (`../shared/bench/torch_peer.py`), docs/method.md §3's
   first readings (GAP after g_G, queue-only pixel negatives, Q_C in the cycle's second jump), so
   that both sides compute the same thing; 'defaults' — `cacl_jax.defaults` (no Q_C in the
   cycle, N×N frame negatives beside the N×K queue ones), what a run trains.

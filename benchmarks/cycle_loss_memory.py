@@ -1,4 +1,4 @@
-"""Memory and CPU time of the cycle loss (SPEC §3) against one N×(N+K) float32 matrix.
+"""Memory and CPU time of the cycle loss (docs/method.md §3) against one N×(N+K) float32 matrix.
 
     python benchmarks/cycle_loss_memory.py            # full table (compiles N up to 4096)
     python benchmarks/cycle_loss_memory.py --quick    # N <= 1024 only

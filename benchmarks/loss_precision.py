@@ -12,7 +12,7 @@ frames of the synthetic world, the queues as `init_state` makes them, the defaul
 computed at every precision — on this CPU through `loss_kernels.einsum`'s emulation, which
 rounds the operands exactly as the hardware does (TF32: 10 mantissa bits, bfloat16: 7; bf16_3x:
 the three products of the hi/lo split) and accumulates in float32 — and compared with the float64
-NumPy reference of the suite (tests/test_losses.py, written from SPEC §3). Also printed: the
+NumPy reference of the suite (tests/test_losses.py, written from docs/method.md §3). Also printed: the
 relative error of the gradient with respect to the online maps (p and c), against the float32
 gradient. A loss's error is |L − L64| / max(|L64|, 1). `losses.AUTO_PRECISION` takes, per platform, the fastest precision within TOLERANCE.
 Writes benchmarks/results/loss_precision.json.

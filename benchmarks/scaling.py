@@ -1,4 +1,4 @@
-"""Weak scaling of the train step, compile-only, on fake CPU devices (SPEC §2 "Weak scaling").
+"""Weak scaling of the train step, compile-only, on fake CPU devices (docs/method.md §2 "Weak scaling").
 
   python benchmarks/scaling.py                                 # demo, R18, R50 at 1 2 4 8 16 devices
   python benchmarks/scaling.py --models demo r18_224 --devices 1 4 16
@@ -12,7 +12,7 @@ train step (`jit_train_step(..., blocks=0)`: no CPU padding sample) over N devic
     reduce-scatter, all-to-all and collective-permute in `compiled.as_text()`, times the trip
     count of the loops they sit in, and the largest single one;
   * peak memory — `memory_analysis()`: arguments + outputs − donated aliases + temporaries.
-Per-device work and traffic should not grow with N: what grows is only what the SPEC allows (BN
+Per-device work and traffic should not grow with N: what grows is only what docs/method.md §2 allows (BN
 statistics of the global batch, [global batch, channels]; the queues' new keys, [global batch, D]).
 Writes benchmarks/results/scaling.json.
 """

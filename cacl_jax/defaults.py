@@ -1,4 +1,4 @@
-"""Every pretraining config key, with the paper-scale defaults (SPEC §1–§5, §8).
+"""Every pretraining config key, with the paper-scale defaults (docs/method.md §1–§5, §8).
 
 Config files in `configs/` start from `pretrain_config()` and override what their experiment
 changes, so an unknown `--config.KEY=VALUE` is rejected by ml_collections with one clear line.
@@ -11,6 +11,7 @@ import ml_collections
 def pretrain_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.variant = "cacl"           # the config file's variant (file.py:VARIANT): a label for tables
   c.batch_size = 512            # global: 16 accelerators × 32, as the paper
   c.total_steps = 100_000
   c.checkpoint_every_steps = 2_000
@@ -56,13 +57,13 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.loss.weights = ml_collections.ConfigDict({"global": 1.0, "pixel": 1.0, "cycle": 1.0})
   c.loss.temperature = ml_collections.ConfigDict({"global": 0.07, "pixel": 0.07, "cycle": 0.07})
   c.loss.pixel_match = "global"   # 'global' (eq. 4) | 'same_position' (Table 1a, pixel head alone)
-  c.loss.pixel_negatives = "queue+frame"  # eq. 4's printed {p^i} ∪ p+^m | 'queue' (SPEC §3)
+  c.loss.pixel_negatives = "queue+frame"  # eq. 4's printed {p^i} ∪ p+^m | 'queue' (docs/method.md §3)
   c.loss.global_pool = "before_head"  # g_G(GAP(h)), as MoCo-v2 | 'after_head' l2n(mean g_G(h))
   c.loss.affinity = "global_head"   # A and T from u (paper) | 'backbone': from h (DenseCL; diagnostic)
   c.loss.soft_cycle = True        # the soft cycle trick (KL to the soft target T)
   c.loss.soft_target = "self"     # T: 'self' û ûᵀ | 'cross' û û+ᵀ | 'cycle' (losses.soft_cycle_target)
   c.loss.soft_target_identity = 0.5  # λ: target λ·I + (1−λ)·T (knowledge distillation's mix)
-  c.loss.cycle_negatives = False  # Q_C in the cycle path (SPEC §3: True; it collapses c, see README)
+  c.loss.cycle_negatives = False  # Q_C in the cycle path (docs/method.md §3: True; it collapses c, see README)
   # Matmul precision of the losses' large products (queue streams, frame negatives, the cycle's
   # N×N): 'auto' = true float32 on CPUs, TF32 on GPUs, three bfloat16 passes on TPUs, each
   # measured against a float64 reference (README "Accelerator numerics") | 'float32' | 'tf32' |
@@ -92,7 +93,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
 
 
 def eval_config() -> ml_collections.ConfigDict:
-  """Every evaluation (`linear_eval`) key, with the paper's linear protocol (SPEC §6).
+  """Every evaluation (`linear_eval`) key, with the paper's linear protocol (docs/evaluation.md).
 
   configs/linear_eval_*.py and finetune_cityscapes.py start from this and set the dataset.
   """
@@ -153,7 +154,7 @@ def propagation_config() -> ml_collections.ConfigDict:
   c.checkpoint_step = ml_collections.config_dict.placeholder(int)  # None = newest checkpoint
   c.features = "backbone"                    # 'backbone' (OS8 map) | 'u' | 'p' | 'c' (a head on it)
   c.batch_size = 8                           # frames per feature batch
-  c.num_epochs = 0                           # nothing is trained (the SPEC's evaluation keys)
+  c.num_epochs = 0                           # nothing is trained (docs/usage.md §4's evaluation keys)
   c.save_masks = True                        # WORKDIR/masks/<sequence>/<frame>.png
   c.num_figure_sequences = 3                 # overlay figures of the first sequences
 

@@ -27,7 +27,7 @@ Variants (default 'cacl'; each changes only the keys listed, the rest is the CAC
     simple              no pixel shuffle, hard cycle             model.pixel_shuffle = False,
                                                                  loss.soft_cycle = False
     no_soft_cycle       + pixel shuffle, hard cycle              loss.soft_cycle = False
-    with_cycle_negatives  CACL with Q_C in the cycle (eqs. 5-6 as printed; SPEC §3)
+    with_cycle_negatives  CACL with Q_C in the cycle (eqs. 5-6 as printed; docs/method.md §3)
   The seeds' pixel-level alternatives (seed 001; not the paper, each one change from CACL;
   docs/CONFIGS.md quotes their papers):
     pixpro      the pixel head's loss is PixPro's pixel-to-propagation consistency: positives
@@ -42,7 +42,7 @@ Variants (default 'cacl'; each changes only the keys listed, the rest is the CAC
     cacl_same_position  CACL whose pixel head takes the same position of v+ as the positive
                         (pixel_only's match) instead of u's affinity (eq. 4)
                                                                  loss.pixel_match = same_position
-  The first build's readings (SPEC §3 before §9; every head collapses, README "What the demo
+  The first build's readings (docs/method.md §3 before §9; every head collapses, README "What the demo
   shows"):
     spec3_readings      GAP after g_G, queue-only pixel negatives, T = û û+ᵀ, no identity
                         mix, Q_C in the cycle, independent shuffle rolls
@@ -80,7 +80,7 @@ ALTERNATIVES = {
     "debiased": {"loss.debiased_tau_plus": 0.1},
     "mochi": {"loss.mochi_global": (1024, 1024, 128), "loss.mochi_pixel": (256, 32, 8)},
 }
-# The readings SPEC §3 first decided; the defaults now read the paper as README "What the demo
+# The readings docs/method.md §3 first decided; the defaults now read the paper as README "What the demo
 # shows" explains (cacl_jax.defaults).
 SPEC3_READINGS = {"loss.global_pool": "after_head", "loss.pixel_negatives": "queue",
                   "loss.soft_target": "cross", "loss.soft_target_identity": 0.0,
@@ -111,7 +111,7 @@ VARIANTS = {
     **ALTERNATIVES,
     # A diagnostic: is eq. 4's positive, chosen by u's affinity, what the pixel head lacks?
     "cacl_same_position": {"loss.pixel_match": "same_position"},
-    # SPEC §3 as first built
+    # docs/method.md §3 as first built
     "spec3_readings": SPEC3_READINGS,
 }
 
@@ -129,6 +129,7 @@ def apply_variant(config, variant: str, variants: dict, filename: str):
     if leaf not in node:   # a typo here would silently add a key the trainer never reads
       raise KeyError(f"{filename}: variant {variant!r} sets unknown key {dotted!r}")
     node[leaf] = value
+  config.variant = variant
   return config
 
 

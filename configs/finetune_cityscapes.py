@@ -1,4 +1,4 @@
-"""Limited-sample fine-tuning on Cityscapes (SPEC §6; paper Table 4): the whole network trains.
+"""Limited-sample fine-tuning on Cityscapes (docs/evaluation.md; paper Table 4): the whole network trains.
 
   python -m cacl_jax.linear_eval --config configs/finetune_cityscapes.py:10pct \
       --workdir DIR --config.pretrained=PRETRAIN_DIR --config.data.root=CITYSCAPES_DATA_DIR

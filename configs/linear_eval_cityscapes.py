@@ -1,4 +1,4 @@
-"""Linear protocol on Cityscapes (SPEC §6; paper Tables 1, 2): frozen backbone, 1×1-conv head.
+"""Linear protocol on Cityscapes (docs/evaluation.md; paper Tables 1, 2): frozen backbone, 1×1-conv head.
 
   python -m cacl_jax.linear_eval --config configs/linear_eval_cityscapes.py \
       --workdir DIR --config.pretrained=PRETRAIN_DIR --config.data.root=CITYSCAPES_DATA_DIR

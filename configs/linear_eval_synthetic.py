@@ -10,7 +10,7 @@ the real datasets (frozen backbone, 1×1 conv, SGD momentum 0.9, lr 0.6, wd 0, c
 CPU: 128 px frames, trained on 64 px crops, evaluated on whole 128 px frames (16×16 feature
 cells; an object spans 5-8 of them).
 
-This file, with the world (`synthetic.WORLD`), is the demo's frozen instrument (SPEC §10):
+This file, with the world (`synthetic.WORLD`), is the demo's frozen instrument (docs/demo.md):
 its figures were measured before any self-supervised run on it (README "What the demo
 shows") and it is not changed after seeing how methods order. Doubling the probe's steps and
 quadrupling its images leaves the random-init floor where it is (11.7 → 11.7 mIoU, seed 0):

@@ -1,4 +1,4 @@
-"""Linear protocol on PASCAL VOC 2012 (SPEC §6; paper Table 3): frozen backbone, 1×1-conv head.
+"""Linear protocol on PASCAL VOC 2012 (docs/evaluation.md; paper Table 3): frozen backbone, 1×1-conv head.
 
   python -m cacl_jax.linear_eval --config configs/linear_eval_voc.py \
       --workdir DIR --config.pretrained=PRETRAIN_DIR --config.data.root=VOC_DATA_DIR

@@ -15,11 +15,11 @@ Decisions (what differs from the CACL defaults, and why):
   * No pixel shuffle: it is a CACL trick (eq. 7) that the MoCo-v2 weights never saw.
   * Length: MoCo-v2's 200 epochs over ImageNet-1k's 1,281,167 train images at batch 512:
     200 · 1,281,167 // 512 = 500,455 steps (`num_epochs` and `batch_size` drive `total_steps`).
-  * Kept from the defaults (SPEC §5): LARS, lr 1.0 at batch 512 with cosine decay, m = 0.999,
+  * Kept from the defaults (docs/method.md §5): LARS, lr 1.0 at batch 512 with cosine decay, m = 0.999,
     shuffle-BN over groups of 32, image 224. MoCo-v2 itself used SGD lr 0.03 at batch 256.
   * Mixed precision: `model.dtype = 'auto'` (bfloat16 activations on GPU / TPU, float32 on a
     CPU; parameters, BN statistics and the loss stay float32), as configs/cacl_r18_kinetics.py.
-  * Known difference: SPEC §1 shares one crop box between the two views of a pair, so on
+  * Known difference: docs/method.md §1 shares one crop box between the two views of a pair, so on
     images the views differ only in photometry (MoCo-v2 draws two independent crops).
 """
 from cacl_jax import defaults

@@ -1,4 +1,4 @@
-"""The seeds' pixel-level alternatives as switches (SPEC §10), each against a float64 NumPy
+"""The seeds' pixel-level alternatives as switches (docs/demo.md), each against a float64 NumPy
 reference written from its own paper's equations: debiased contrast (Chuang et al. 2020),
 hard negative mixing (MoCHi, Kalantidis et al. 2020), PixPro's pixel-to-propagation
 consistency (Xie et al. 2021); and how the train step wires them."""

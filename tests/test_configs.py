@@ -1,5 +1,5 @@
 """Configs and launch scripts: every config file and variant loads through ml_collections'
-`file.py:variant` flag, has the SPEC §8 keys, passes the trainer's pre-flight checks on 8
+`file.py:variant` flag, has the docs/usage.md §4 keys, passes the trainer's pre-flight checks on 8
 devices, and each variant sets exactly the paper setting it names (Tables 1a/1b/1c, 2, 4).
 No training runs here."""
 import os
@@ -78,7 +78,7 @@ ALTERNATIVE_KEYS = {
 }
 DESCRIBED = {"loss.weights.global", "loss.weights.pixel", "loss.weights.cycle", "loss.pixel_match",
              "model.pixel_shuffle", "loss.soft_cycle", "loss.cycle_negatives", "data.pair_type",
-             "data.frame_stride"}
+             "data.frame_stride", "variant"}   # variant: the name, a label
 
 
 def load(name, variant=None, *overrides):
@@ -119,7 +119,7 @@ def cases(table):
   return [(name, v) for name, variants in table.items() for v in variants]
 
 
-# ------------------------------------------------------------------------- loading, SPEC §8
+# ------------------------------------------------------------------------- loading, docs/usage.md §4
 
 def test_every_config_file_is_listed_here():
   files = {f for f in os.listdir(CONFIGS) if f.endswith(".py") and not f.startswith("_")}
@@ -163,7 +163,7 @@ def test_r18_variant_sets_exactly_its_paper_setting(variant):
   c, base = load("cacl_r18_kinetics.py", variant), load("cacl_r18_kinetics.py", "cacl")
   assert describe(c) == EXPECTED[variant]
   described = DESCRIBED
-  if variant == "spec3_readings":   # SPEC §3's first readings, written out by hand
+  if variant == "spec3_readings":   # docs/method.md §3's first readings, written out by hand
     first = {"loss.global_pool": "after_head", "loss.pixel_negatives": "queue",
              "loss.soft_target": "cross", "loss.soft_target_identity": 0.0,
              "model.shuffle_rolls": "independent"}

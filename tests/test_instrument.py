@@ -1,5 +1,5 @@
 """`python -m cacl_jax.evaluation.instrument`: the demo's floor and ceiling without pretraining,
-SPEC §10's criteria on them, resumption."""
+docs/demo.md's criteria on them, resumption."""
 import json
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""cacl_jax.losses against a plain float64 NumPy reference of SPEC §3 (eqs. 3-6)."""
+"""cacl_jax.losses against a plain float64 NumPy reference of docs/method.md §3 (eqs. 3-6)."""
 import functools
 
 import chex
@@ -20,7 +20,7 @@ cycle_back_accuracy = jax.jit(losses.cycle_back_accuracy, static_argnames='tempe
 
 
 # ----------------------------------------------------------------------------------------
-# Float64 NumPy reference, written straight from the SPEC formulas (explicit M).
+# Float64 NumPy reference, written straight from the formulas of docs/method.md §3 (explicit M).
 # ----------------------------------------------------------------------------------------
 
 
@@ -161,7 +161,7 @@ def test_pixel_loss(k, match):
   queue = rand(4, k, 8)
   expected = ref_pixel(p, p_pos, u, u_pos, queue, TAU, match)
   close(pixel_loss(p, p_pos, u, u_pos, queue, TAU, match=match), expected)
-  # The negatives are the queue only (SPEC §3): without one, L_P is identically 0.
+  # The negatives are the queue only (docs/method.md §3): without one, L_P is identically 0.
   assert expected > 0.1 if k else expected == 0.0
 
 

@@ -1,4 +1,4 @@
-"""The confusion matrix and SPEC §6 metrics against hand-computed numbers."""
+"""The confusion matrix and docs/evaluation.md metrics against hand-computed numbers."""
 import jax
 import jax.numpy as jnp
 import numpy as np

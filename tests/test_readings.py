@@ -1,4 +1,4 @@
-"""The paper's open readings as switches (SPEC §9), each against a float64 NumPy reference or
+"""The paper's open readings as switches (docs/method.md §6), each against a float64 NumPy reference or
 an exact property: pixel-loss negatives, the soft target's index space, where GAP sits, the
 key Q_G receives, shared pixel-shuffle rolls, circular padding."""
 import chex
@@ -107,7 +107,7 @@ def _config(**loss):
 @pytest.mark.parametrize('pool', ['after_head', 'before_head'])
 def test_q_g_receives_exactly_the_loss_key(pool):
   """Row b of the block enqueued into Q_G is the global loss's k_b = l2n(mean_i u+_i) of the
-  map the loss pools (SPEC §4), in float64: not l2n(mean_i l2n(u+_i))."""
+  map the loss pools (docs/method.md §4), in float64: not l2n(mean_i l2n(u+_i))."""
   config = _config(global_pool=pool)
   rng = np.random.default_rng(31)
   out_pos = {k: jnp.asarray(rng.normal(size=(4, 4, 4, 16)).astype(np.float32) + 0.5)
@@ -149,7 +149,7 @@ def test_shared_rolls_give_both_frames_one_roll():
   config.model.shuffle_rolls = 'independent'
   k1, k2 = jax.random.split(jax.random.key(3))
   rolls, rolls_pos = step_lib.pair_rolls(k1, k2, 64, 64, 64, config)
-  assert np.any(np.asarray(rolls) != np.asarray(rolls_pos))   # independent (SPEC §2)
+  assert np.any(np.asarray(rolls) != np.asarray(rolls_pos))   # independent (docs/method.md §2)
   config.model.shuffle_rolls = 'shared'
   rolls, rolls_pos = step_lib.pair_rolls(k1, k2, 64, 64, 64, config)
   np.testing.assert_array_equal(rolls, rolls_pos)

@@ -13,7 +13,7 @@ from cacl_jax.data import decode
 from cacl_jax.data import real
 from tests import test_prepare_data as videos
 
-# SPEC §6, written out independently of the code under test.
+# docs/evaluation.md, written out independently of the code under test.
 SPEC_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                   24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 

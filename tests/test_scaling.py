@@ -1,4 +1,4 @@
-"""Weak scaling of the train step (SPEC §2), compile-only: per-device work and traffic do not grow
+"""Weak scaling of the train step (docs/method.md §2), compile-only: per-device work and traffic do not grow
 with the device count at a fixed per-device batch (benchmarks/scaling.py measures the sizes)."""
 import collections
 import os

@@ -251,7 +251,7 @@ def demo_steps(num_devices: int, steps: int = 2):
 
 
 def test_the_demos_first_two_steps_agree_on_1_2_and_8_devices():
-  """SPEC §2: BN groups and the global RNG make the sharding invisible. The demo's defaults (frame negatives, the soft self target, circular padding, lr 2.0 from
+  """docs/method.md §2: BN groups and the global RNG make the sharding invisible. The demo's defaults (frame negatives, the soft self target, circular padding, lr 2.0 from
   step 1): at init a single ReLU that flips on a 1-ulp difference moves a layer's gradient by
   ~1e-3, so this holds only because the forward pass is bit-identical on any device count
   (layout-ordered BN sums, one padding sample per device: `resnet.pad_blocks`)."""

@@ -59,7 +59,7 @@ def test_two_variants_end_to_end_then_resume(tmp_path):
   md = open(tmp_path / "sweep.md").read()
   assert "| cacl |" in md and "| mocov2 |" in md and "38.2" in md
   assert "| retrieval | cacl |" in md and "| linear | random init |" in md
-  assert "| supervised (labels) |" in md and "Instrument (SPEC §10): ceiling" in md
+  assert "| supervised (labels) |" in md and "Instrument (docs/demo.md): ceiling" in md
   assert os.path.getsize(tmp_path / "sweep.png") > 5000
   # Rerun: nothing is trained again.
   again = sweep(tmp_path, "--variants", "cacl,mocov2", "--seeds", "3", "--config.checkpoint_every_steps=2")

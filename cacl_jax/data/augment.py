@@ -1,4 +1,4 @@
-"""Augmentations of SPEC §1, each placed where it is cheapest.
+"""Augmentations of docs/method.md §1, each placed where it is cheapest.
 
 Host (NumPy / Pillow, inside grain workers): the shared geometry. One RandomResizedCrop box
 (torchvision's sampler: scale 0.2-1.0 of the area, log-uniform aspect 3/4-4/3, 10 tries then
@@ -88,7 +88,7 @@ def crop_resize(frames: np.ndarray, box: tuple[int, int, int, int], size: int,
 def shared_crop_flip(rng: np.random.Generator, frames: np.ndarray, size: int,
                      scale: tuple[float, float] = (0.2, 1.0),
                      ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-  """One crop box and one flip decision (p = 0.5) for all frames (SPEC §1, "same position").
+  """One crop box and one flip decision (p = 0.5) for all frames (docs/method.md §1, "same position").
 
   frames: uint8 [n, H, W, 3] -> uint8 [n, size, size, 3].
   """

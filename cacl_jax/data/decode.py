@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 # ----------------------------------------------------------------------------------------
-# Class names and label maps (SPEC §6).
+# Class names and label maps (docs/evaluation.md).
 # ----------------------------------------------------------------------------------------
 
 VOC_CLASS_NAMES = (

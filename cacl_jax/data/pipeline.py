@@ -1,4 +1,4 @@
-"""The grain pipeline of training pairs (SPEC §1): videos -> (v, v+) crops -> host batches.
+"""The grain pipeline of training pairs (docs/method.md §1): videos -> (v, v+) crops -> host batches.
 
 The data stream is global and a function of (seed, step) alone (elastic: any process count):
 

@@ -7,7 +7,7 @@
 
 `DATA` is the `--out` of `python -m cacl_jax.prepare_data`. Sources are picklable (grain
 workers re-open the ArrayRecord files lazily) and do no sharding themselves: the
-pipeline picks each process' rows of the global batch (SPEC §8 multi-host). Reading uses `tfds` only through
+pipeline picks each process' rows of the global batch (docs/usage.md §4 multi-host). Reading uses `tfds` only through
 its TensorFlow-free ArrayRecord data source.
 """
 from __future__ import annotations
@@ -169,6 +169,6 @@ def voc_source(root: str, split: str) -> SegmentationSource:
 
 
 def cityscapes_source(root: str, split: str) -> SegmentationSource:
-  """Cityscapes fine 'train' or 'val' with the 19 trainIds (SPEC §6), 255 = ignore."""
+  """Cityscapes fine 'train' or 'val' with the 19 trainIds (docs/evaluation.md), 255 = ignore."""
   records, metadata = _open(root, "cityscapes", split)
   return SegmentationSource(records, metadata["class_names"])

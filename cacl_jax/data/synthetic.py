@@ -7,7 +7,7 @@ of it and occlude one another. An object's class is the pair (shape, texture pat
     1 striped disc     2 checkered square   3 dotted triangle
     4 spoked ring      5 hatched cross      6 bullseye star
 
-The world is the demo's measuring instrument (SPEC §10; README "What the demo shows") and is
+The world is the demo's measuring instrument (docs/demo.md; README "What the demo shows") and is
 frozen: `WORLD` below must not change after a self-supervised run was measured on it. Its
 objects are large (radius 0.15-0.25 of the side: 5-8 feature cells across at 128 px and
 output stride 8), each video holds 3-5 objects of distinct classes (so most frames hold
@@ -200,7 +200,7 @@ class World:
   class_hue: float = 0.25
 
 
-# The demo's frozen world (SPEC §10). The previous world, on which labels reached 17 mIoU at
+# The demo's frozen world (docs/demo.md). The previous world, on which labels reached 17 mIoU at
 # 64 px, was World(radius=(0.12, 0.2), distinct=False, class_hue=1.0).
 WORLD = World()
 

@@ -15,7 +15,7 @@ protocol of STEGO, Hamilton et al. ICLR 2022, and Leopart, Ziegler & Asano CVPR 
    class) that maximises the matched pixels; with k > classes, each cluster goes to the class
    it overlaps most (Leopart's many-to-one matching for over-clustering).
 5. The mapped predictions give the usual confusion matrix: mIoU, mAcc, pixel accuracy
-   (`metrics.metrics_from_confusion`, SPEC §6).
+   (`metrics.metrics_from_confusion`, docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -240,5 +240,5 @@ def cluster_probe(config: ml_collections.ConfigDict, backbone_params: Any,
           [crop(batch["image"], j) for j in shown], [crop(batch["label"], j) for j in shown],
           [mapping[crop(clusters, j)] for j in shown], class_names,
           os.path.join(workdir, "predictions.png"))
-    logging.info("cluster probe (k=%d):\n%s", k, metrics_lib.format_table(results))
+    metrics_lib.log_results(results, workdir, f"cluster probe (k={k})")
   return results

@@ -52,7 +52,7 @@ def supervised_config(eval_config: ml_collections.ConfigDict) -> ml_collections.
 
 def floor(config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict, out: str,
           mesh) -> tuple[dict, object, object]:
-  """The random-init row (SPEC §10's floor): the backbone of `config.model` initialised with
+  """The random-init row (docs/demo.md's floor): the backbone of `config.model` initialised with
   `config.seed`, BN statistics re-estimated on 64 train images, under the linear protocol.
   Returns (results, params, batch_stats); the ceiling starts from the same params."""
   train_source = segdata.segmentation_source(eval_config.data, "train")
@@ -66,7 +66,7 @@ def floor(config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigD
 def ceiling(config: ml_collections.ConfigDict, eval_config: ml_collections.ConfigDict, params,
             stats, out: str, mesh, retrieval_config: ml_collections.ConfigDict | None = None
             ) -> dict | None:
-  """The supervised row (SPEC §10's ceiling), or None where the evaluation config has no
+  """The supervised row (docs/demo.md's ceiling), or None where the evaluation config has no
   `supervised` section or its num_epochs is 0. With `retrieval_config`, the trained backbone is
   also evaluated by retrieval (under the result's `retrieval` key)."""
   if not (eval_config.get("supervised") and eval_config.supervised.num_epochs):
@@ -87,20 +87,37 @@ def with_protocol(eval_config: ml_collections.ConfigDict,
   return c
 
 
+def pretrained_name(config: ml_collections.ConfigDict) -> str:
+  """The pretrained row's name: the variant that was pretrained (`configs/demo.py:VARIANT`)."""
+  return f"{config.get('variant') or 'cacl'} pretrained"
+
+
+def _heading(text: str) -> None:
+  if jax.process_index() == 0:
+    print(f"\n== {text}", flush=True)
+
+
 def _evaluate(config, eval_config, out: str, mesh) -> dict:
+  """Each backbone in turn under the linear, cluster and retrieval protocols (each protocol
+  logs one line; its per-class table goes to per_class.txt beside its results.json)."""
+  name = pretrained_name(config)
+  _heading(f"{name}: linear, cluster and retrieval protocols")
   pretrained = probe.evaluate_checkpoint(eval_config, os.path.join(out, "pretrained"), mesh)
+  for protocol in ("cluster", "retrieval"):
+    pretrained[protocol] = probe.evaluate_checkpoint(
+        with_protocol(eval_config, protocol), os.path.join(out, "pretrained", protocol), mesh)
+
+  _heading("random init (the floor): linear, cluster and retrieval protocols")
   random_init, params, stats = floor(config, eval_config, os.path.join(out, "random_init"), mesh)
-  # The label-free cluster protocol and the retrieval protocol of both backbones, beside the linear.
   for protocol, run in (("cluster", cluster.cluster_probe),
                         ("retrieval", retrieval.retrieval_probe)):
-    protocol_config = with_protocol(eval_config, protocol)
-    pretrained[protocol] = probe.evaluate_checkpoint(
-        protocol_config, os.path.join(out, "pretrained", protocol), mesh)
-    random_init[protocol] = run(protocol_config, params, stats, config.model, mesh,
-                                os.path.join(out, "random_init", protocol))
+    random_init[protocol] = run(with_protocol(eval_config, protocol), params, stats, config.model,
+                                mesh, os.path.join(out, "random_init", protocol))
 
-  rows = {"CACL pretrained": pretrained, "random init": random_init}
+  rows = {name: pretrained, "random init": random_init}
   extra = {}
+  if eval_config.get("supervised") and eval_config.supervised.num_epochs:
+    _heading("supervised (labels, the ceiling): fine-tuning from the random init, and retrieval")
   supervised = ceiling(config, eval_config, params, stats, os.path.join(out, "supervised"), mesh,
                        with_protocol(eval_config, "retrieval"))
   if supervised is not None:
@@ -109,8 +126,14 @@ def _evaluate(config, eval_config, out: str, mesh) -> dict:
   results = {**pretrained, "random_init": random_init, **extra, "comparison": table}
   if jax.process_index() == 0:
     paths.write_text_atomic(paths.resolve(out) / "results.json", json.dumps(results, indent=1))
-    print(f"\nLinear, cluster and retrieval protocols on the synthetic val set "
-          f"({pretrained['num_images']} images, "
-          f"checkpoint step {pretrained['checkpoint_step']}):\n{table}\n"
+    print(f"\n== Linear, cluster and retrieval protocols on the synthetic val set "
+          f"({pretrained['num_images']} images, checkpoint step {pretrained['checkpoint_step']}, "
+          f"backbone {_backbone(config)}):\n{table}\n"
           f"written to {os.path.join(out, 'results.json')}", flush=True)
   return results
+
+
+def _backbone(config: ml_collections.ConfigDict) -> str:
+  """e.g. 'resnet18 ÷8 width'."""
+  divisor = config.model.get("width_divisor", 1)
+  return config.model.backbone + (f" ÷{divisor} width" if divisor != 1 else "")

@@ -1,10 +1,10 @@
-"""The demo's instrument judged on its own (SPEC §10): floor and ceiling per seed, no pretraining.
+"""The demo's instrument judged on its own (docs/demo.md): floor and ceiling per seed, no pretraining.
 
   python -m cacl_jax.evaluation.instrument --config configs/demo.py --seeds 0,1,2 --workdir DIR
 
 For each seed, runs exactly the demo's two rows that involve no self-supervised method — the
 random-init floor and the supervised ceiling (`cacl_jax.evaluation.demo.floor` / `.ceiling`,
-the functions the demo itself calls, on the config's `eval_after`) — and reports SPEC §10's
+the functions the demo itself calls, on the config's `eval_after`) — and reports docs/demo.md's
 criteria: ceiling ≥ 40 mIoU, floor ≤ ½ × ceiling, seed-to-seed std of the floor ≤ ⅛ ×
 (ceiling − floor). (The same bound on MoCo-v2's std needs pretraining runs: `cacl_jax.sweep`
 checks it.) Also describes the world at the probe's scale: the background's share of pixels,
@@ -49,7 +49,7 @@ def world_stats(eval_config, num_images: int = 128) -> dict:
 
 
 def criteria(floors: list[float], ceilings: list[float]) -> dict:
-  """SPEC §10 on per-seed floor and ceiling mIoUs (sample std over seeds, as `cacl_jax.sweep`)."""
+  """docs/demo.md on per-seed floor and ceiling mIoUs (sample std over seeds, as `cacl_jax.sweep`)."""
   floor, ceiling = float(np.mean(floors)), float(np.mean(ceilings))
   span = ceiling - floor
   floor_std = float(np.std(floors, ddof=1)) if len(floors) > 1 else None

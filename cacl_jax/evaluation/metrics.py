@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix over the whole val set (SPEC §6).
+"""Segmentation metrics from one confusion matrix over the whole val set (docs/evaluation.md).
 
 The confusion matrix `cm[g, p]` counts pixels with ground truth class g predicted as p;
 label 255 (and any label outside [0, num_classes)) is ignored. Per class c:
@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cacl_jax.runtime import paths
 
 IGNORE_LABEL = 255
 
@@ -60,7 +63,7 @@ def confusion_matrix_np(labels: np.ndarray, predictions: np.ndarray,
 
 def metrics_from_confusion(cm: np.ndarray,
                            class_names: Sequence[str] | None = None) -> dict:
-  """mIoU / mAcc / per-class IoU and accuracy in percent (SPEC §6).
+  """mIoU / mAcc / per-class IoU and accuracy in percent (docs/evaluation.md).
 
   Args:
     cm: [C, C] counts, rows = ground truth, columns = prediction.
@@ -120,6 +123,18 @@ def format_table(metrics: dict) -> str:
   lines.append("-" * (width + 14))
   lines.append(f"{'mean':<{width}} {cell(metrics['miou'])} {cell(metrics['macc'])}")
   return "\n".join(lines)
+
+
+
+def log_results(results: dict, workdir: str, title: str) -> str:
+  """Writes `title` and the per-class table to WORKDIR/per_class.txt, and logs one line with the
+  means and that path (the table itself only at --verbosity=1). Returns the file's path."""
+  table = format_table(results)
+  path = paths.resolve(workdir) / "per_class.txt"
+  paths.write_text_atomic(path, f"{title}\n{table}\n")
+  logging.info("%s: mIoU %.1f, mAcc %.1f (per class: %s)", title, results["miou"], results["macc"], path)
+  logging.debug("%s\n%s", title, table)
+  return str(path)
 
 
 def format_comparison(results: dict[str, dict]) -> str:

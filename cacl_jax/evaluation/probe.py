@@ -1,4 +1,4 @@
-"""The linear protocol and limited-sample fine-tuning, as functions (SPEC §6).
+"""The linear protocol and limited-sample fine-tuning, as functions (docs/evaluation.md).
 
 Linear protocol: the backbone f (restored online backbone, or a random one for a baseline)
 is frozen with BatchNorm in inference mode; a 1×1 conv (C → classes, bias) maps its OS8
@@ -342,7 +342,7 @@ def run_probe(config: ml_collections.ConfigDict, backbone_params: Any,
       results["figures"]["predictions"] = viz.segmentation_grid(
           samples["images"], samples["labels"], samples["predictions"], class_names,
           os.path.join(workdir, "predictions.png"))
-    logging.info("\n%s", metrics_lib.format_table(results))
+    metrics_lib.log_results(results, workdir, "fine-tuning" if finetune else "linear probe")
   return results, state
 
 

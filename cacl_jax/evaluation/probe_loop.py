@@ -34,6 +34,8 @@ import orbax.checkpoint as ocp
 from cacl_jax.runtime import checkpoint, config_diff, metrics_log, parallel, paths
 
 LOG = "probe_metrics.jsonl"
+# A probe's progress line on the console at most this often (every logged step is in LOG).
+CONSOLE_SECONDS = 30
 KEEP = 2   # the newest checkpoint, and the one before should the newest not restore
 # Keys that change nothing the probe's training computes: cadences, figures, the val batch,
 # where the data is read from, other protocols' and other runs' sections (the demo's ceiling
@@ -96,8 +98,8 @@ def train(state: Any, start: int, train_step, batches, mesh, total_steps: int,
           mngr: ocp.CheckpointManager) -> tuple[Any, float]:
   """Steps `start` + 1 … `total_steps`; returns the final state and the last logged loss.
 
-  Logs loss, learning rate, speed and ETA every `log_every_steps` (process 0: console and
-  WORKDIR/probe_metrics.jsonl); saves (state, `config`) every `checkpoint_every_steps`, after the
+  Logs loss, learning rate, speed and ETA every `log_every_steps` to WORKDIR/probe_metrics.jsonl
+  (process 0), and on the console at most every CONSOLE_SECONDS (and at the last step); saves (state, `config`) every `checkpoint_every_steps`, after the
   last step and on SIGTERM, which then raises `parallel.Preempted`. A non-finite loss stops the
   probe with a clear error (FloatingPointError).
   """
@@ -106,13 +108,13 @@ def train(state: Any, start: int, train_step, batches, mesh, total_steps: int,
   workdir_path = paths.resolve(workdir)
   logged = metrics_log.read(workdir_path, LOG) if start else []
   loss = float(logged[-1]["loss"]) if logged else float("nan")   # a probe resumed at its end
-  t_start = None
+  t_start = t_console = None
   with parallel.StopOnSigterm() as stop:
     for step in range(start + 1, total_steps + 1):
       state, loss_arr = train_step(state, parallel.host_to_global(mesh, next(batches)))
       if t_start is None:
         loss_arr.block_until_ready()
-        t_start = time.time()   # after compilation, so the ETA measures steady-state steps
+        t_start = t_console = time.time()   # after compilation: the ETA measures steady steps
       if step % log_every == 0 or step == total_steps:
         loss = float(loss_arr)
         if not math.isfinite(loss):
@@ -121,9 +123,12 @@ def train(state: Any, start: int, train_step, batches, mesh, total_steps: int,
         eta = (total_steps - step) / rate if rate > 0 else float("nan")
         record = {"step": step, "loss": loss, "lr": float(lr_schedule(step - 1)),
                   "steps_per_s": round(rate, 3)}
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and (step == total_steps
+                                         or time.time() - t_console >= CONSOLE_SECONDS):
+          t_console = time.time()
           logging.info("probe step %d/%d  loss %.4f  lr %.4g  %.2f steps/s  ETA %s", step,
                        total_steps, loss, record["lr"], rate, _hms(eta))
+        if jax.process_index() == 0:
           metrics_log.append(workdir_path, record, LOG)
       stopping = stop.after(step)
       if step % save_every == 0 or step == total_steps or stopping:

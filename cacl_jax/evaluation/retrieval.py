@@ -311,6 +311,6 @@ def retrieval_probe(config: ml_collections.ConfigDict, backbone_params: Any,
       results["figures"]["predictions"] = viz.segmentation_grid(
           [crop(batch["image"], j) for j in shown], [crop(batch["label"], j) for j in shown],
           [crop(preds, j) for j in shown], class_names, os.path.join(workdir, "predictions.png"))
-    logging.info("retrieval protocol (%d neighbours, memory %d, %.0f s):\n%s", k, memory,
-                 results["seconds"], metrics_lib.format_table(results))
+    metrics_lib.log_results(results, workdir, f"retrieval ({k} neighbours, memory {memory}, "
+                                              f"{results['seconds']:.0f} s)")
   return results

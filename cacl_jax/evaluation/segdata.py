@@ -1,4 +1,4 @@
-"""Segmentation input pipelines for the linear protocol and fine-tuning (SPEC §6), on grain.
+"""Segmentation input pipelines for the linear protocol and fine-tuning (docs/evaluation.md), on grain.
 
 Items come from a segmentation source (`cacl_jax.data`): dicts
 `{'image': uint8 [H, W, 3], 'label': uint8 [H, W] (255 = ignore), 'id': str}`.

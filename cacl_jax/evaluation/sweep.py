@@ -18,8 +18,8 @@ goes on. Writes, after every run (`cacl_jax/evaluation/sweep_summary.py`):
                    metrics), the summary per variant and the paired differences;
   DIR/sweep.md     mean ± std over seeds per variant and protocol, the paper's number beside it
                    where the config file names one (`PAPER_MIOU = {variant: mIoU}`); the demo's
-                   floor (random init) and ceiling (supervised) rows, one value per seed, and SPEC
-                   §10's instrument criteria on them (the ceiling is computed by the first
+                   floor (random init) and ceiling (supervised) rows, one value per seed, and
+                   docs/demo.md's instrument criteria on them (the ceiling is computed by the first
                    variant's run of each seed only); per protocol, every variant's per-seed
                    difference to `--reference` (default mocov2) with its mean, 95 % Student-t
                    interval and verdict;

@@ -1,5 +1,5 @@
 """The sweep's summary: per-variant means over seeds, paired differences to a reference variant
-with 95 % intervals, SPEC §10's instrument criteria, as sweep.md tables and the sweep.png figure.
+with 95 % intervals, docs/demo.md's instrument criteria, as sweep.md tables and the sweep.png figure.
 
 Rows are `cacl_jax.sweep.record` dicts; each done run carries its mIoU per evaluation protocol
 (`protocols`: 'linear', and 'cluster' / 'retrieval' where the run's results.json has them) and,
@@ -20,7 +20,7 @@ import math
 PROTOCOLS = ("linear", "cluster", "retrieval")
 RANDOM_INIT = "random init"
 SUPERVISED = "supervised (labels)"
-# The instrument's criteria (SPEC §10), checked on the floor and ceiling rows when a sweep has them.
+# The instrument's criteria (docs/demo.md), checked on the floor and ceiling rows when a sweep has them.
 CEILING_MIN, FLOOR_SHARE, STD_SHARE = 40.0, 0.5, 1 / 8
 
 
@@ -116,12 +116,12 @@ def paired(rows: list[dict], variants: list[str], reference: str) -> dict:
 
 
 def instrument_lines(summary: dict, reference: str = "mocov2") -> list[str]:
-  """SPEC §10's criteria on the sweep's own floor, ceiling and `reference` rows (linear)."""
+  """docs/demo.md's criteria on the sweep's own floor, ceiling and `reference` rows (linear)."""
   if RANDOM_INIT not in summary or SUPERVISED not in summary:
     return []
   floor, ceiling = summary[RANDOM_INIT], summary[SUPERVISED]
   span = ceiling["miou_mean"] - floor["miou_mean"]
-  lines = ["", "Instrument (SPEC §10): "
+  lines = ["", "Instrument (docs/demo.md): "
            f"ceiling {ceiling['miou_mean']:.1f} (≥ {CEILING_MIN:.0f}: "
            f"{'yes' if ceiling['miou_mean'] >= CEILING_MIN else 'NO'}); "
            f"floor {floor['miou_mean']:.1f} (≤ ½ ceiling = {FLOOR_SHARE * ceiling['miou_mean']:.1f}: "

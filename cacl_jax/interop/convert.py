@@ -1,4 +1,4 @@
-r"""PyTorch ResNet weights ⇄ this project's pretraining workdirs (SPEC §8).
+r"""PyTorch ResNet weights ⇄ this project's pretraining workdirs (docs/usage.md §4).
 
   python -m cacl_jax.convert from-torch --src FILE.pth[.tar] --arch resnet50 --out DIR
   python -m cacl_jax.convert to-torch --workdir RUN [--step S] --out backbone.pth

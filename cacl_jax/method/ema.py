@@ -1,4 +1,4 @@
-"""The momentum (EMA) target network (SPEC §2; MoCo / BYOL). Pure functions."""
+"""The momentum (EMA) target network (docs/method.md §2; MoCo / BYOL). Pure functions."""
 from __future__ import annotations
 
 import jax

@@ -1,4 +1,4 @@
-"""The CACL losses (SPEC §3; Pang et al. 2022, eqs. 3-6) as pure functions of arrays.
+"""The CACL losses (docs/method.md §3; Pang et al. 2022, eqs. 3-6) as pure functions of arrays.
 
 Every public loss takes raw head outputs: `[B, N, D]` maps (B images, N = h·w pixels,
 D channels, any float dtype), a queue `[K, D]` (K may be 0) and a temperature τ. Inputs are
@@ -85,7 +85,7 @@ def _maps(fn, name, x, x_pos):
 def _queue(fn, queue, d):
   """Checks a `[K, D]` queue; returns it float32, unit-norm and gradient-free.
 
-  Queues already hold unit vectors (SPEC §4); re-normalising is idempotent and cheap and
+  Queues already hold unit vectors (docs/method.md §4); re-normalising is idempotent and cheap and
   keeps the losses correct for any caller.
   """
   queue = jnp.asarray(queue)
@@ -185,7 +185,7 @@ def global_key(u):
   """l2n(mean_i u_i): [B, N, D] -> [B, D] float32, the image-level feature of eq. 3.
 
   q on the online side, k on the target side; the train step enqueues exactly this k into
-  Q_G (SPEC §4), so the queue's negatives and the loss's positive are the same function of
+  Q_G (docs/method.md §4), so the queue's negatives and the loss's positive are the same function of
   the target map. With `loss.global_pool='before_head'` the map is g_G(GAP(h)) with N = 1.
   """
   return l2n(jnp.mean(jnp.asarray(u).astype(jnp.float32), axis=1))
@@ -193,7 +193,7 @@ def global_key(u):
 
 def global_loss(u, u_pos, queue, temperature, *, tau_plus=0.0, mochi=None, key=None,
                 precision='float32'):
-  """Global contrastive loss L_G (eq. 3, SPEC §3).
+  """Global contrastive loss L_G (eq. 3, docs/method.md §3).
 
   q = l2n(mean_i u_i), k = l2n(mean_i u+_i),
   L_G = mean_b −log softmax([q·k, q·Q_Gᵀ] / τ)[0].
@@ -241,7 +241,7 @@ def global_match(u, u_pos):
   u_hat = l2n(jax.lax.stop_gradient(u))
   u_pos_hat = l2n(jax.lax.stop_gradient(u_pos))
   affinity = _sim(u_hat, u_pos_hat, 1.0)  # A [B, N, N]
-  # jnp.argmax returns the first maximal index: the lowest j, as SPEC §3 asks.
+  # jnp.argmax returns the first maximal index: the lowest j, as docs/method.md §3 asks.
   return jnp.argmax(affinity, axis=-1).astype(jnp.int32)
 
 
@@ -250,7 +250,7 @@ PIXEL_NEGATIVES = ('queue', 'queue+frame')
 
 def pixel_loss(p, p_pos, u, u_pos, queue, temperature, match='global', negatives='queue', *,
                tau_plus=0.0, mochi=None, key=None, precision='float32'):
-  """Pixel contrastive loss L_P (eq. 4, SPEC §3 and §9).
+  """Pixel contrastive loss L_P (eq. 4, docs/method.md §3 and §9).
 
   A = û û+ᵀ, m(i) = argmax_j A_ij (ties: lowest j), p̂ = l2n(p), p̂+ = l2n(p+),
   L_P = mean_{b,i} −log softmax([p̂_i·p̂+_{m(i)}, negatives_i] / τ)[0], with negatives_i
@@ -349,7 +349,7 @@ def _cycle_terms(c_hat, c_pos_hat, queue, tau):
 
 def cycle_loss(c, c_pos, queue, temperature, soft_target: Optional[jax.Array] = None, *,
                precision='float32'):
-  """Cycle-attention loss L_C (eqs. 5-6, SPEC §3), hard or soft.
+  """Cycle-attention loss L_C (eqs. 5-6, docs/method.md §3), hard or soft.
 
   ĉ = l2n(c), ĉ+ = l2n(c+), S1 = ĉ ĉ+ᵀ/τ [N, N], S2 = ĉ+ [ĉ ; Q_C]ᵀ/τ [N, N+K],
   M = softmax_rows(S1) softmax_rows(S2) [N, N+K].
@@ -399,7 +399,7 @@ SOFT_TARGETS = ('cross', 'self', 'cycle')
 
 
 def soft_cycle_target(u, u_pos, temperature, mode='cross', identity_mix=0.0):
-  """The soft-cycle target T (SPEC §3 and §9, "soft cycle trick"): [B, N, N].
+  """The soft-cycle target T (docs/method.md §3 and §9, "soft cycle trick"): [B, N, N].
 
   The paper: "modifies the one-hot target to softmax(⟨u, u+⟩/τ) ... we adopt the global head
   to describe the relationships among pixels in the frame". M = P1 P2's columns index the

@@ -1,4 +1,4 @@
-"""Pixel shuffle (paper eq. 7, SPEC §2): per-image cyclic rolls that hide absolute position.
+"""Pixel shuffle (paper eq. 7, docs/method.md §2): per-image cyclic rolls that hide absolute position.
 
 Each image b is rolled by its own (a_b, c_b), independent multiples of the output stride, so
 that after the network the feature map can be rolled back *exactly* by (a_b/8, c_b/8): every
@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 OUTPUT_STRIDE = 8
-# 'independent': v and v+ each draw their own roll (SPEC §2); 'shared': one roll per pair
-# (SPEC §9). Either "makes pixels at every position have the same chance to contact with zero
+# 'independent': v and v+ each draw their own roll (docs/method.md §2); 'shared': one roll per pair
+# (docs/method.md §6). Either "makes pixels at every position have the same chance to contact with zero
 # paddings"; only 'shared' keeps a position code learnt from the padding consistent between
 # the two frames.
 ROLLS = ("independent", "shared")

@@ -1,4 +1,4 @@
-"""FIFO rings of negative keys, one per head (SPEC §4). Pure functions.
+"""FIFO rings of negative keys, one per head (docs/method.md §4). Pure functions.
 
 A queue is a float32 [K, D] array of unit vectors plus an int32 pointer to the oldest entry.
 The train step shards the array along K over the mesh ('data'); these functions are

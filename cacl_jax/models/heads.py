@@ -1,4 +1,4 @@
-"""The three CACL projection heads g_G, g_P, g_C (SPEC §2; paper "Network structure").
+"""The three CACL projection heads g_G, g_P, g_C (docs/method.md §2; paper "Network structure").
 
 Each head is a pixel-wise MLP: Conv1×1(C→C, bias) → ReLU → Conv1×1(C→D, bias), no BatchNorm.
 """
@@ -36,7 +36,7 @@ class Head(nn.Module):
   """h: [B, h, w, C] → [B, h, w, D] float32, whatever the compute dtype.
 
   The last product accumulates and returns float32: the head's outputs feed the losses (float32,
-  SPEC §3) and the argmax of the match m(i), where bfloat16 outputs would round nearly equal
+  docs/method.md §3) and the argmax of the match m(i), where bfloat16 outputs would round nearly equal
   similarities to ties (which go to the lowest j: a top-left bias on accelerators only).
   """
   embed_dim: int = 128

@@ -1,4 +1,4 @@
-"""Dilated ResNet-18 / ResNet-50 with output stride 8 (SPEC §2), Flax linen.
+"""Dilated ResNet-18 / ResNet-50 with output stride 8 (docs/method.md §2), Flax linen.
 
 Layout and names follow torchvision so that torchvision / MoCo-v2 weights map 1:1:
 `conv1, bn1, layer{1..4}_{j}/{conv1,bn1,conv2,bn2[,conv3,bn3],downsample_conv,downsample_bn}`
@@ -11,7 +11,7 @@ torchvision's `replace_stride_with_dilation`, the first block of a dilated stage
 previous stage's dilation in its first 3×3 conv and the new dilation afterwards.
 
 BatchNorm takes its statistics over fixed groups of `bn_group_size` consecutive samples of the
-global batch (SPEC §2, "BatchNorm groups"), so results do not depend on how many devices the
+global batch (docs/method.md §2, "BatchNorm groups"), so results do not depend on how many devices the
 batch is sharded over; `bn_group_size=None` is SyncBN over the whole batch.
 
 Padding (`model.padding`): 'zeros' as torchvision and the paper, or 'circular' in every conv and
@@ -76,7 +76,7 @@ def ordered_group_sum(s: jax.Array, group: int, perm: jax.Array | None = None) -
   are added pairwise in their order within the group. A device-count-dependent reduction order
   changed the statistics by 1 ulp, and that flipped ReLUs downstream. With a permutation only
   these [B, C] sums are gathered into the permuted order, never the samples themselves
-  (shuffle-BN without moving images, SPEC §2 "Weak scaling").
+  (shuffle-BN without moving images, docs/method.md §2 "Weak scaling").
   """
   if perm is not None:
     s = jnp.take(s, perm, axis=0)

@@ -1,4 +1,4 @@
-"""Resume only with the config the run was started with (SPEC §8).
+"""Resume only with the config the run was started with (docs/usage.md §4).
 
 A checkpoint holds the state of one run: its shapes (backbone, widths, D, K), its data
 position (`batch_size`, `seed`, the data keys: the global batch of step t is a function of
@@ -25,6 +25,7 @@ import ml_collections
 from cacl_jax import defaults
 
 MAY_CHANGE = (
+    "variant",             # a label (the keys the variant sets are compared themselves)
     "log_every_steps", "viz_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "eval_after",          # the evaluation run after pretraining (demo)
     "data.root",           # the same prepared data, moved or mounted elsewhere

@@ -181,7 +181,7 @@ def affinity_figure(v: np.ndarray, v_pos: np.ndarray, maps: Mapping[str, object]
     query_yx: (y, x) of the query pixel in v's image coordinates.
     path: output PNG.
 
-  The heatmaps are the cosine similarities (SPEC §3's l2n dot products) upsampled to the
+  The heatmaps are the cosine similarities (docs/method.md §3's l2n dot products) upsampled to the
   frame by nearest neighbour, colour-stretched to each map's [min, max] (in its title), and
   laid over v+ at half opacity.
   """

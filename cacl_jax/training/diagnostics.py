@@ -1,7 +1,7 @@
-"""Diagnostics that tell whether CACL learns pixel-level structure (SPEC §9), on logging steps.
+"""Diagnostics that tell whether CACL learns pixel-level structure (docs/method.md §6), on logging steps.
 
 The training losses alone cannot say it: they fall for a network whose embeddings are constant
-within each image (every head has a near-minimum there, SPEC §9). These numbers can. They are
+within each image (every head has a near-minimum there, docs/method.md §6). These numbers can. They are
 measured on a fixed set of frame pairs — for the synthetic data, pairs of the held-out
 pretraining stream whose ground truth the renderer knows (every pixel's class, every scene
 point's motion) — with the online network on v and the target network on v+ (the networks

@@ -1,4 +1,4 @@
-"""LARS with the SPEC §5 schedule: lr = base_lr · B / base_batch, optional warm-up, cosine to 0.
+"""LARS with the docs/method.md §5 schedule: lr = base_lr · B / base_batch, optional warm-up, cosine to 0.
 
 Short runs: a warm-up as long as the run or longer (`--config.total_steps=6` on a config with
 `optim.warmup_steps=50`) shrinks with the run to WARMUP_FRACTION of it, so shortening any
@@ -15,7 +15,7 @@ WARMUP_FRACTION = 0.1
 
 def decay_mask(params):
   """True for conv / dense kernels; biases and BN scale / bias (1-D) are excluded from weight
-  decay and from the trust ratio (SPEC §5)."""
+  decay and from the trust ratio (docs/method.md §5)."""
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 

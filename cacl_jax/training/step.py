@@ -1,4 +1,4 @@
-"""The CACL train state and the one jitted, sharded train step (SPEC §2–§5).
+"""The CACL train state and the one jitted, sharded train step (docs/method.md §2–§5).
 
 One step, in order (MoCo-v2 order; the EMA of step t−1 is the target of step t):
   1. device-side photometric augmentation of v and v+ (independent per image and frame);
@@ -33,7 +33,7 @@ from cacl_jax.training import xla_cpu
 from cacl_jax.training.state import HEADS, TrainState, create_state, init_state, state_shardings  # noqa: F401
 from cacl_jax.runtime.parallel import DATA
 
-# Where GAP sits for L_G (SPEC §9): 'after_head' q = l2n(mean_i g_G(h)_i); 'before_head'
+# Where GAP sits for L_G (docs/method.md §6): 'after_head' q = l2n(mean_i g_G(h)_i); 'before_head'
 # q = l2n(g_G(mean_i h_i)), MoCo-v2's order. u = g_G(h) per pixel defines A and T either way.
 GLOBAL_POOLS = ("after_head", "before_head")
 # Which map defines the affinity A (eq. 4's match) and the soft cycle target: the global head's
@@ -132,7 +132,7 @@ def global_map(out: dict[str, jax.Array], config) -> jax.Array:
 def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues, config,
                 key: jax.Array | None = None, platform: str | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """L = w_G·L_G + w_P·L_P + w_C·L_C (SPEC §3, the §9 readings and the seeds' alternatives
+  """L = w_G·L_G + w_P·L_P + w_C·L_C (docs/method.md §3, the §9 readings and the seeds' alternatives
   per config). A head with weight 0 is not computed. `key` draws MoCHi's mixing (if on);
   `platform` resolves `loss.precision='auto'` (default: JAX's default backend)."""
   p, c = (_flat(out[k]) for k in "pc")
@@ -179,7 +179,7 @@ def _pick_pixels(key: jax.Array, x: jax.Array, count: int) -> jax.Array:
 
 
 def new_keys(key: jax.Array, out_pos: dict[str, jax.Array], config) -> dict[str, jax.Array]:
-  """SPEC §4: Q_G ← k, exactly the global loss's key; Q_P, Q_C ← random pixels of p̂+ / ĉ+."""
+  """docs/method.md §4: Q_G ← k, exactly the global loss's key; Q_P, Q_C ← random pixels of p̂+ / ĉ+."""
   k_p, k_c = jax.random.split(key)
   p_pos, c_pos = (_flat(out_pos[k]).astype(jnp.float32) for k in "pc")
   ppi = config.queue.pixels_per_image

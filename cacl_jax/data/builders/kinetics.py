@@ -1,6 +1,6 @@
 """Kinetics-400 as frame records: every frame of the first 10 s, JPEG, short side 256.
 
-Raw layouts (SPEC §8), per split in {train, val}:
+Raw layouts (docs/usage.md §4), per split in {train, val}:
   * class folders: `SRC/<split>/<label>/*.mp4`;
   * flat CVDF: `SRC/<split>/*.mp4` named `<youtube_id>_<start:06d>_<end:06d>.mp4`, with
     labels from `SRC/annotations/<split>.csv` (columns label, youtube_id, time_start,
@@ -11,7 +11,7 @@ in order, so video v occupies records [start_v, start_v + num_frames_v) with the
 (ids, labels, num_frames, fps) in `metadata.json`. Drawing a pair (t, t + s) reads and
 decodes exactly two ~30 kB records instead of a whole clip, which is what lets a TPU host
 stream pairs from network disks. Frames are kept at the native frame rate (the stride is
-in frames, SPEC §1), resized to short side 256 (`VideoOptions.short_side`), JPEG quality
+in frames, docs/method.md §1), resized to short side 256 (`VideoOptions.short_side`), JPEG quality
 90, first `max_seconds` = 10 s (a whole Kinetics clip).
 
 Randomness kept: all of it within the first 10 s. Every frame is stored, so t is uniform

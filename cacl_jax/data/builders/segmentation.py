@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 (+ SBD trainaug) and Cityscapes for evaluation (SPEC §6).
+"""PASCAL VOC 2012 (+ SBD trainaug) and Cityscapes for evaluation (docs/evaluation.md).
 
 One record per image: {'image': original encoded bytes (VOC JPEG / Cityscapes PNG),
 'label': class-index PNG (VOC indices or Cityscapes trainIds, 255 = ignore), 'id'}.
@@ -114,7 +114,7 @@ class CaclVoc(SegmentationBuilder):
 
 
 class CaclCityscapes(SegmentationBuilder):
-  """Cityscapes fine annotations, 19 trainIds (SPEC §6); splits 'train' (2975) and 'val' (500).
+  """Cityscapes fine annotations, 19 trainIds (docs/evaluation.md); splits 'train' (2975) and 'val' (500).
 
   Expected under SRC: leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and
   gtFine/<split>/<city>/<name>_gtFine_labelIds.png.
