@@ -209,8 +209,8 @@ def restore_pretrained(pretrain_workdir: str, step: int | None = None) -> Pretra
   config = read_config(pretrain_workdir, step)
   mesh = parallel.make_mesh(jax.local_device_count()) if jax.process_count() == 1 else parallel.make_mesh()
   rep = parallel.replicated(mesh)
-  recorded = ocp.StandardCheckpointer().metadata(epath.Path(checkpoint_dir(pretrain_workdir)) / str(step) / "state")
-  recorded = getattr(recorded, "item_metadata", recorded)
+  state_dir = epath.Path(checkpoint_dir(pretrain_workdir)) / str(step) / "state"
+  recorded = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
   target = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=rep), recorded[k])
             for k in ("params", "batch_stats")}
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
