@@ -44,7 +44,7 @@ def main():
   if args.devices:
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
     from cacl_jax.runtime import cli  # pylint: disable=g-import-not-at-top
-    cli.use_default_cpu_scheduler()
+    cli.use_fake_cpu_devices()
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

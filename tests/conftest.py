@@ -2,6 +2,8 @@
 cache (subprocess tests reuse what earlier tests compiled), absl flags parsed for grain."""
 import os
 
+from cacl_jax.runtime import cli  # absl and the standard library only: JAX has not started
+
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   _flags += " --xla_force_host_platform_device_count=8"
@@ -9,9 +11,8 @@ if "xla_force_host_platform_device_count" not in _flags:
 # buy nothing measurable at these sizes (see README, "Tests"). Numerics are unchanged.
 if "xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
-if "concurrency_optimized_scheduler" not in _flags:   # see cacl_jax/runtime/cli.py
-  _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
+cli.use_fake_cpu_devices()   # XLA's default scheduler, one thread-pool size
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/cacl_jax_test_compile_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")

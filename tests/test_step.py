@@ -3,6 +3,8 @@ device-count invariance of the sharded train step, and a learning signal."""
 import functools
 import importlib.util
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -11,10 +13,10 @@ import numpy as np
 import pytest
 
 from cacl_jax import defaults
-from cacl_jax.method import ema, pixel_shuffle, queue
+from cacl_jax.method import ema, fixed_order, pixel_shuffle, queue
 from cacl_jax.training import optim
 from cacl_jax.runtime import parallel
-from cacl_jax.training import step as step_lib, xla_cpu
+from cacl_jax.training import grad_blocks, step as step_lib, xla_cpu
 from cacl_jax.data import pipeline
 from cacl_jax.models.cacl import model_from_config, with_layout_blocks
 from cacl_jax.models.resnet import GroupBatchNorm, compute_dtype
@@ -232,7 +234,7 @@ def demo_config():
 @functools.lru_cache(maxsize=None)
 def demo_steps(num_devices: int, steps: int = 2):
   """The demo's model, losses and first `steps` global batches on `num_devices` devices: the
-  metrics of each step, and the state after the first (on the host)."""
+  metrics of each step, and the state after it (on the host)."""
   c = demo_config()
   mesh = parallel.make_mesh(num_devices)
   model = model_from_config(c.model)
@@ -241,30 +243,35 @@ def demo_steps(num_devices: int, steps: int = 2):
   train_step = step_lib.jit_train_step(model, tx, schedule, c, mesh, shardings)
   batches = iter(pipeline.make_pretrain_dataset(c.data, global_batch_size=c.batch_size,
                                                 process_index=0, process_count=1, seed=c.seed))
-  history, first = [], None
+  history, states = [], []
   for _ in range(steps):
     batch = {k: v for k, v in next(batches).items() if k in ("v", "v_pos")}
     state, metrics = train_step(state, parallel.host_to_global(mesh, batch))
     history.append(parallel.to_host(metrics))
-    first = parallel.to_host(state) if first is None else first
-  return history, first
+    states.append(parallel.to_host(state))
+  return history, states
 
 
-def test_the_demos_first_two_steps_agree_on_1_2_and_8_devices():
-  """docs/method.md §2: BN groups and the global RNG make the sharding invisible. The demo's defaults (frame negatives, the soft self target, circular padding, lr 2.0 from
-  step 1): at init a single ReLU that flips on a 1-ulp difference moves a layer's gradient by
-  ~1e-3, so this holds only because the forward pass is bit-identical on any device count
-  (layout-ordered BN sums, one padding sample per device: `resnet.pad_blocks`)."""
-  ref_hist, ref_state = demo_steps(1)
-  for n in (2, 8):
-    hist, state = demo_steps(n)
-    for step, (a, b) in enumerate(zip(hist, ref_hist), start=1):
+def test_the_demos_first_two_steps_are_bit_identical_on_1_2_4_and_8_devices():
+  """docs/method.md §2: BN groups and the global RNG make the sharding invisible, and on a CPU not only
+  up to rounding. The demo's defaults (frame negatives, the soft self target, circular
+  padding, lr 2.0 from step 1): at init a single ReLU that flips on a 1-ulp difference moves a
+  layer's gradient by ~1e-3, and it did from step 3 on when the gradient's batch sums were
+  split by the layout. Here every loss, every parameter, BN statistic, optimiser slot and
+  queue entry has the same bits: the target's forward pass pads each device's samples
+  (`resnet.pad_blocks`), the online network and the losses run in blocks of one BN group
+  added in a fixed order (`grad_blocks.py`). 4 devices hold one block each, 8 hold half a
+  block: two devices compute each block (`grad_blocks.copies_per_block`)."""
+  ref_hist, ref_states = demo_steps(1)
+  for n in (2, 4, 8):
+    hist, states = demo_steps(n)
+    for step, (a, b, state, ref) in enumerate(zip(hist, ref_hist, states, ref_states), start=1):
       for k in ("loss", "loss_global", "loss_pixel", "loss_cycle"):
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=f"{k}, step {step}, {n} devices")
-    # After step 1 only the order of the gradient's float sums differs.
-    for part in ("params", "batch_stats", "target_params", "target_batch_stats", "queues"):
-      chex.assert_trees_all_close(getattr(state, part), getattr(ref_state, part), rtol=1e-5,
-                                  atol=1e-6, custom_message=f"{part} on {n} devices")
+        assert a[k] == b[k], (k, step, n, a[k], b[k])
+      for part in ("params", "batch_stats", "target_params", "target_batch_stats", "opt_state",
+                   "queues", "queue_ptrs", "rng"):
+        chex.assert_trees_all_equal(getattr(state, part), getattr(ref, part),
+                                    custom_message=f"{part} after step {step} on {n} devices")
 
 
 def test_the_train_forward_pass_is_bit_identical_on_any_device_count():
@@ -290,6 +297,65 @@ def test_the_train_forward_pass_is_bit_identical_on_any_device_count():
   for n, out in zip((2, 8), outputs[1:]):
     for k in ("h", "u", "p", "c"):
       np.testing.assert_array_equal(out[k], outputs[0][k], err_msg=f"{k} on {n} devices")
+
+
+def test_tree_sum_adds_pairwise_in_index_order():
+  """((x0 + x1) + (x2 + x3)) + (x4 + 0), along any axis: here 3, where a left-to-right sum
+  gives 4 (1e8 + 1 rounds to 1e8 in float32)."""
+  x = jnp.array([1e8, 1.0, -1e8, 1.0, 3.0], jnp.float32)
+  assert float(fixed_order.tree_sum(x)) == 3.0
+  assert float(np.cumsum(np.asarray(x))[-1]) == 4.0
+  rows = jnp.stack([x, 2 * x])
+  np.testing.assert_array_equal(np.asarray(fixed_order.tree_sum(rows, axis=1)), [3.0, 6.0])
+  np.testing.assert_array_equal(np.asarray(fixed_order.tree_mean(rows, axis=0)), np.asarray(1.5 * x))
+
+
+def test_blockwise_value_and_grad_is_one_value_and_grad_per_block_on_any_mesh():
+  """Each block's value, aux and gradient, in block order and with the same bits on 1, 2 and 8
+  devices (on 8, two devices compute each of the 4 blocks); their mean is the batch's."""
+  x = jax.random.normal(jax.random.key(0), (8, 5))
+  w = {"w": jax.random.normal(jax.random.key(1), (5,))}
+  fn = lambda p, scale, x, index: (scale * jnp.mean(jnp.square(x @ p["w"])), index)
+  assert grad_blocks.copies_per_block(4, 8) == 2 and grad_blocks.copies_per_block(4, 2) == 1
+  results = []
+  for n in (1, 2, 8):
+    mesh = parallel.make_mesh(n)
+    run = jax.jit(lambda w, x: grad_blocks.blockwise_value_and_grad(fn, w, 3.0, x, 2, mesh),
+                  in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)))
+    results.append(parallel.to_host(run(w, x)))
+  for other in results[1:]:
+    chex.assert_trees_all_equal(other, results[0])
+  values, index, grads = results[0]
+  np.testing.assert_array_equal(index, [0, 1, 2, 3])
+  value, grad = jax.value_and_grad(lambda p: fn(p, 3.0, x, 0)[0])(w)
+  np.testing.assert_allclose(values.mean(), value, rtol=1e-6)
+  np.testing.assert_allclose(grads["w"].mean(axis=0), grad["w"], rtol=1e-5)
+
+
+_DOT = """
+from cacl_jax.runtime import cli
+cli.use_fake_cpu_devices()
+import jax, jax.numpy as jnp, numpy as np
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((512, 64), np.float32), rng.standard_normal((512, 128), np.float32)
+product = jax.jit(lambda a, b: jnp.einsum("kc,kf->cf", a, b, precision="highest"))(a, b)
+print(np.asarray(product).tobytes().hex())
+"""
+
+
+def test_processes_with_1_and_4_fake_devices_get_the_same_cpu_kernels():
+  """XLA:CPU's thread pool grows with the fake devices (max(cores, devices) threads), and its
+  dot kernels block a long sum by the pool's size: on a 2-core machine the same one-device
+  product differed between processes of 1 and of 4 devices. `cli.use_fake_cpu_devices` gives such
+  processes one pool size, so a run's numbers do not depend on how many devices it asked for."""
+  products = []
+  for n in (1, 4):
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC")}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+    out = subprocess.run([sys.executable, "-c", _DOT], env=env, cwd=ROOT, check=True,
+                         capture_output=True, text=True)
+    products.append(out.stdout.strip().splitlines()[-1])
+  assert products[0] == products[1]
 
 
 def test_state_layout_queues_sharded_params_replicated():
@@ -357,9 +423,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses():
 
 
 def test_the_accelerators_program_computes_the_cpu_programs_numbers():
-  """GPUs and TPUs compile the step unpadded (`blocks=0`); the CPU pads each device's block
-  with a zero sample. On one device both programs give the same losses and the same state up
-  to rounding (the padding changes which kernel path computes a device's last sample)."""
+  """GPUs and TPUs compile the step unpadded and in one value_and_grad (`blocks=0`); the CPU
+  pads each device's block with a zero sample and runs the online network in gradient blocks
+  of one BN group. On one device both programs give the same losses and the same state up to
+  rounding (the padding and the blocks change which kernel path computes what, and the order
+  of the gradient's sums)."""
   c = tiny_config()
   mesh = parallel.make_mesh(1)
   model = model_from_config(c.model)

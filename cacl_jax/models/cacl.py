@@ -45,7 +45,12 @@ class CACL(nn.Module):
 
 def with_layout_blocks(model: CACL, blocks: int) -> CACL:
   """The same network (same parameters) computing on a batch split over `blocks` devices."""
-  return model.clone(backbone=model.backbone.clone(layout_blocks=blocks))
+  return with_backbone(model, layout_blocks=blocks)
+
+
+def with_backbone(model: CACL, **fields) -> CACL:
+  """The same network (same parameters) with these backbone fields changed."""
+  return model.clone(backbone=model.backbone.clone(**fields))
 
 
 def model_from_config(model_config) -> CACL:

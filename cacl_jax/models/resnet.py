@@ -98,6 +98,11 @@ def per_sample_stats(stat: jax.Array, group: int, perm: jax.Array | None) -> jax
   return jnp.take(stat, jnp.argsort(perm) // group, axis=0)
 
 
+def moving_average(old: jax.Array, new: jax.Array, momentum: float) -> jax.Array:
+  """A running statistic's update: momentum·old + (1 − momentum)·new."""
+  return momentum * old + (1 - momentum) * new
+
+
 class GroupBatchNorm(nn.Module):
   """BatchNorm whose batch statistics are per group of `group_size` samples.
 
@@ -149,9 +154,13 @@ class GroupBatchNorm(nn.Module):
       centred = real.reshape(b, -1, c) - per_sample_stats(mean, g, perm)[:, None]
     var = ordered_group_sum(per_sample_sums(jnp.square(centred).reshape(b, -1, c)), g, perm) / n
     if not self.is_initializing():
-      unbiased = var.mean(axis=0) * n / max(n - 1, 1)
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean.mean(axis=0)
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+      # The groups' average in a fixed pairwise order: `mean(axis=0)` over groups that span
+      # devices (the target's) was summed in a layout-dependent order.
+      groups = mean.shape[0]
+      average = lambda stat: ordered_group_sum(stat, groups)[0] / groups
+      unbiased = average(var) * n / max(n - 1, 1)
+      ra_mean.value = moving_average(ra_mean.value, average(mean), self.momentum)
+      ra_var.value = moving_average(ra_var.value, unbiased, self.momentum)
     mu = per_sample(mean, 0.0)
     inv = per_sample(jax.lax.rsqrt(var + self.epsilon), 1.0)
     return (((x32 - mu) * inv) * scale + bias).astype(self.dtype)
@@ -200,6 +209,7 @@ class _Block(nn.Module):
   dtype: Any = jnp.float32
   padding: str = "zeros"
   layout_blocks: int = 0
+  bn_momentum: float = 0.9
 
   def conv(self, features, kernel, stride=1, dilation=1, name=None):
     return _conv(features, kernel, stride, dilation, self.dtype, name, self.padding)
@@ -211,8 +221,9 @@ class BasicBlock(_Block):
 
   @nn.compact
   def __call__(self, x, train: bool, perm: jax.Array | None = None):
-    bn = lambda name: functools.partial(GroupBatchNorm(self.bn_group_size, dtype=self.dtype,
-                                                       layout_blocks=self.layout_blocks, name=name),
+    bn = lambda name: functools.partial(GroupBatchNorm(self.bn_group_size, momentum=self.bn_momentum,
+                                                       dtype=self.dtype, name=name,
+                                                       layout_blocks=self.layout_blocks),
                                         perm=perm)
     y = self.conv(self.planes, 3, self.stride, self.first_dilation, "conv1")(x)
     y = nn.relu(bn("bn1")(y, train))
@@ -230,8 +241,9 @@ class Bottleneck(_Block):
 
   @nn.compact
   def __call__(self, x, train: bool, perm: jax.Array | None = None):
-    bn = lambda name: functools.partial(GroupBatchNorm(self.bn_group_size, dtype=self.dtype,
-                                                       layout_blocks=self.layout_blocks, name=name),
+    bn = lambda name: functools.partial(GroupBatchNorm(self.bn_group_size, momentum=self.bn_momentum,
+                                                       dtype=self.dtype, name=name,
+                                                       layout_blocks=self.layout_blocks),
                                         perm=perm)
     y = self.conv(self.planes, 1, 1, 1, "conv1")(x)
     y = nn.relu(bn("bn1")(y, train))
@@ -261,6 +273,9 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   padding: str = "zeros"   # 'zeros' | 'circular'
   layout_blocks: int = 0   # the batch carries `pad_blocks` padding for this many devices (train step)
+  # The running statistics' momentum (`GroupBatchNorm.momentum`); 0: the BN layers' running
+  # statistics come out as this batch's own (`step.losses_in_blocks` averages them over blocks).
+  bn_momentum: float = 0.9
 
   @property
   def num_features(self) -> int:
@@ -279,8 +294,8 @@ class ResNet(nn.Module):
     if self.padding not in PADDINGS:
       raise ValueError(f"model.padding must be one of {PADDINGS}, got {self.padding!r}")
     x = _conv(w, 7, 2, 1, self.dtype, "conv1", self.padding)(x)
-    x = nn.relu(GroupBatchNorm(self.bn_group_size, dtype=self.dtype,
-                                      layout_blocks=self.layout_blocks, name="bn1")(x, train, perm))
+    x = nn.relu(GroupBatchNorm(self.bn_group_size, momentum=self.bn_momentum, dtype=self.dtype,
+                               layout_blocks=self.layout_blocks, name="bn1")(x, train, perm))
     x = _max_pool(x, self.padding)
     in_ch, dilation = w, 1
     # (stride, dilate) per stage: stages 3 and 4 trade their stride for dilation.
@@ -297,7 +312,7 @@ class ResNet(nn.Module):
                   first_dilation=prev if j == 0 else dilation,
                   project=(j == 0 and (s != 1 or in_ch != out_ch)),
                   bn_group_size=self.bn_group_size, dtype=self.dtype, padding=self.padding,
-                  layout_blocks=self.layout_blocks,
+                  layout_blocks=self.layout_blocks, bn_momentum=self.bn_momentum,
                   name=f"layer{stage}_{j}")(x, train, perm)
         in_ch = out_ch
     return x

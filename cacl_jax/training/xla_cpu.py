@@ -47,8 +47,9 @@ def compiler_options(config, mesh: Mesh) -> dict[str, str] | None:
 
 
 def layout_blocks(mesh: Mesh) -> int:
-  """How many `resnet.pad_blocks` blocks the train step's network pads the batch into: one
-  per device on a CPU, where XLA's convolution kernels round a device's last output pixels
-  differently (their remainder path) and so would make the numbers depend on the device
-  count; 0 (no padding) on GPUs and TPUs."""
+  """How many `resnet.pad_blocks` blocks the train step's target network pads the batch
+  into: one per device on a CPU, where XLA's convolution kernels round a device's last output
+  pixels differently (their remainder path) and so would make the numbers depend on the device
+  count; 0 (no padding) on GPUs and TPUs. Non-zero also selects the CPU program's gradient
+  blocks for the online network (`step.jit_train_step`, `grad_blocks.py`)."""
   return mesh.devices.size if mesh.devices.flat[0].platform == "cpu" else 0
