@@ -154,10 +154,12 @@ class GroupBatchNorm(nn.Module):
       centred = real.reshape(b, -1, c) - per_sample_stats(mean, g, perm)[:, None]
     var = ordered_group_sum(per_sample_sums(jnp.square(centred).reshape(b, -1, c)), g, perm) / n
     if not self.is_initializing():
-      # The groups' average in a fixed pairwise order: `mean(axis=0)` over groups that span
-      # devices (the target's) was summed in a layout-dependent order.
+      # On a CPU (`layout_blocks`) the groups' average in a fixed pairwise order: `mean(axis=0)`
+      # over groups that span devices (the target's) was summed in a layout-dependent order.
+      # GPUs and TPUs keep XLA's reduction, which costs them no collectives per BN layer.
       groups = mean.shape[0]
-      average = lambda stat: ordered_group_sum(stat, groups)[0] / groups
+      average = ((lambda stat: ordered_group_sum(stat, groups)[0] / groups) if self.layout_blocks
+                 else (lambda stat: stat.mean(axis=0)))
       unbiased = average(var) * n / max(n - 1, 1)
       ra_mean.value = moving_average(ra_mean.value, average(mean), self.momentum)
       ra_var.value = moving_average(ra_var.value, unbiased, self.momentum)
