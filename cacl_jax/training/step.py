@@ -200,9 +200,11 @@ def losses_in_blocks(model: nn.Module, params, batch_stats, v: jax.Array, rolls:
 
   def block_loss(params, consts, inputs, index):
     stats, queues, key = consts
-    out, block_stats = forward(blocks_model, params, stats, inputs["v"], inputs.get("rolls"), None)
-    total, terms = cacl_losses(out, inputs["out_pos"], queues, config,
-                               jax.random.fold_in(key, index), platform=platform)
+    with jax.named_scope("online"):
+      out, block_stats = forward(blocks_model, params, stats, inputs["v"], inputs.get("rolls"), None)
+    with jax.named_scope("losses"):
+      total, terms = cacl_losses(out, inputs["out_pos"], queues, config,
+                                 jax.random.fold_in(key, index), platform=platform)
     return total, (terms, block_stats, key_maps(inputs["out_pos"], config))
 
   inputs = {"v": v, "out_pos": out_pos, **({} if rolls is None else {"rolls": rolls})}
@@ -291,11 +293,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   # run without MoCHi) stay as they were.
   k_mochi = jax.random.fold_in(k_enq, 1)
   maps = None
-  if grad_block:
-    with jax.named_scope("online"):
-      total, terms, stats, grads, maps = losses_in_blocks(model, state.params, state.batch_stats, v,
-                                                    rolls, out_pos, queues_full, config, k_mochi,
-                                                    grad_block, mesh)
+  if grad_block:   # the same named scopes ("online", "losses") inside each block
+    total, terms, stats, grads, maps = losses_in_blocks(model, state.params, state.batch_stats, v,
+                                                        rolls, out_pos, queues_full, config, k_mochi,
+                                                        grad_block, mesh)
   else:
     def loss_fn(params):
       with jax.named_scope("online"):
