@@ -13,6 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 sys.path.insert(0, ROOT)
 
+from cacl_jax.runtime import cli  # noqa: E402  pylint: disable=g-import-not-at-top
+
+cli.reuse_host_memory()   # as in every entry point's process: a CPU step reuses its memory
+
 
 def step_config(backbone="resnet18", width_divisor=1, image_size=112, batch=16, queue=16384,
                 group=None, soft_cycle=False, dtype="float32", readings="peer"):

@@ -16,6 +16,7 @@ cli.use_fake_cpu_devices()   # XLA's default scheduler, one thread-pool size
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/cacl_jax_test_compile_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+cli.reuse_host_memory()      # as every entry point does (imports JAX, after its settings above)
 
 from absl import flags  # noqa: E402
 

@@ -4,6 +4,7 @@ import functools
 import importlib.util
 import os
 import subprocess
+import resource
 import sys
 
 import chex
@@ -15,7 +16,7 @@ import pytest
 from cacl_jax import defaults
 from cacl_jax.method import ema, fixed_order, pixel_shuffle, queue
 from cacl_jax.training import optim
-from cacl_jax.runtime import parallel
+from cacl_jax.runtime import cli, parallel
 from cacl_jax.training import grad_blocks, step as step_lib, xla_cpu
 from cacl_jax.data import pipeline
 from cacl_jax.models.cacl import model_from_config, with_layout_blocks
@@ -369,6 +370,41 @@ def test_processes_with_1_and_4_fake_devices_get_the_same_cpu_kernels():
                          capture_output=True, text=True)
     products.append(out.stdout.strip().splitlines()[-1])
   assert products[0] == products[1]
+
+
+_FAULTS = """
+import resource, sys
+from cacl_jax.runtime import cli
+if sys.argv[1] == "reuse":
+  cli.reuse_host_memory()
+import jax, jax.numpy as jnp
+x = jnp.ones((1024, 24576), jnp.float32)                 # 96 MiB
+f = jax.jit(lambda x: jnp.sin(x).T.cumsum(0)).lower(x).compile()
+temp = f.memory_analysis().temp_size_in_bytes
+f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+  f(x).block_until_ready()
+print(temp, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+"""
+
+
+def test_a_cpu_process_reuses_its_last_executions_memory():
+  """`cli.reuse_host_memory` (every entry point calls it): a program whose temporaries exceed
+  glibc's mmap limits faults them all in again on every call (its freed block went back to the
+  OS); with it the freed block is reused and a call takes almost no page faults."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "JAX_CPU_ENABLE_ASYNC_DISPATCH")}
+  faults = {}
+  for mode in ("default", "reuse"):
+    out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, cwd=ROOT, check=True,
+                         capture_output=True, text=True)
+    temp, faults[mode] = map(float, out.stdout.split())
+  pages = temp / resource.getpagesize()
+  assert temp > 64 * 2**20                      # beyond what a worker thread's arena can hold
+  assert faults["default"] > 0.5 * pages, (faults, pages)
+  assert faults["reuse"] < 0.05 * pages, (faults, pages)
+  assert not cli.reuse_host_memory({"MALLOC_ARENA_MAX": "2", "JAX_CPU_ENABLE_ASYNC_DISPATCH": "1"})
 
 
 def test_state_layout_queues_sharded_params_replicated():

@@ -1,6 +1,6 @@
-"""Flag parsing shared by the entry points: every flag or config mistake is one line; the one
-XLA flag a process must carry before JAX starts; and a quiet console (the libraries' INFO lines
-only with --verbosity)."""
+"""Flag parsing shared by the entry points: every flag or config mistake is one line; the
+settings a process must carry before JAX starts (XLA flags, host memory); and a quiet console
+(the libraries' INFO lines only with --verbosity)."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +21,7 @@ def parse_flags(program: str):
   """
   def parse(argv: list[str]) -> list[str]:
     use_fake_cpu_devices()
+    reuse_host_memory()
     try:
       rest = flags.FLAGS(argv)
       if not flags.FLAGS["verbosity"].present:
@@ -68,6 +69,46 @@ def use_fake_cpu_devices(environ=os.environ) -> None:
 
 
 _POOL = 8   # the thread pool of a process with fake devices: the tests' device count
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def reuse_host_memory(environ=os.environ) -> bool:
+  """Lets a CPU process reuse the memory of its last step instead of faulting it in again.
+
+  XLA:CPU mallocs each execution's temporaries in one block (61 MiB for the ResNet-18 ¼-width
+  step at 64 px, 446 MiB at 112 px) and frees it afterwards. glibc serves a block that large
+  with mmap and returns it with munmap, so every step page-faulted its whole temporary memory
+  again: 15.5k / 117k faults per step, 12-18 % of the step (`benchmarks/step_vs_pytorch.py`'s
+  shapes, docs/performance.md). Two settings keep it:
+
+  * mallopt(M_MMAP_MAX, 0) and a 1 GiB M_TRIM_THRESHOLD: large blocks come from the heap and
+    stay there when freed, to be handed out again;
+  * `jax_cpu_enable_async_dispatch=False`: a CPU execution runs on the calling thread, whose
+    heap (glibc's main arena) can grow to any size; a worker thread's arena cannot grow past
+    64 MiB and maps larger blocks anyway.
+
+  The arithmetic is untouched (same bits); GPUs and TPUs run their steps on their own clients.
+  Call it before JAX creates its CPU client (every entry point does, through `parse_flags`).
+  A user's own malloc settings (MALLOC_*_ or GLIBC_TUNABLES, a preloaded allocator) or
+  JAX_CPU_ENABLE_ASYNC_DISPATCH win. Returns whether the malloc settings were applied.
+  """
+  if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in environ:
+    import jax  # pylint: disable=g-import-not-at-top
+    try:
+      jax.config.update("jax_cpu_enable_async_dispatch", False)
+    except AttributeError:   # a JAX without the option
+      pass
+  if (any(k.startswith("MALLOC_") for k in environ) or "GLIBC_TUNABLES" in environ
+      or "malloc" in environ.get("LD_PRELOAD", "")):
+    return False
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):   # not glibc (macOS, musl): nothing to set
+    return False
+  return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 class _OwnLines(logging.Filter):
