@@ -80,7 +80,7 @@ def reuse_host_memory(environ=os.environ) -> bool:
   XLA:CPU mallocs each execution's temporaries in one block (61 MiB for the ResNet-18 ¼-width
   step at 64 px, 446 MiB at 112 px) and frees it afterwards. glibc serves a block that large
   with mmap and returns it with munmap, so every step page-faulted its whole temporary memory
-  again: 15.5k / 117k faults per step, 12-18 % of the step (`benchmarks/step_vs_pytorch.py`'s
+  again: 15.5k / 117k faults per step, 11-20 % of the step (`benchmarks/step_vs_pytorch.py`'s
   shapes, docs/performance.md). Two settings keep it:
 
   * mallopt(M_MMAP_MAX, 0) and a 1 GiB M_TRIM_THRESHOLD: large blocks come from the heap and
