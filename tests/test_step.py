@@ -3,8 +3,8 @@ device-count invariance of the sharded train step, and a learning signal."""
 import functools
 import importlib.util
 import os
-import subprocess
 import resource
+import subprocess
 import sys
 
 import chex
