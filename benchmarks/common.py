@@ -43,9 +43,8 @@ def step_config(backbone="resnet18", width_divisor=1, image_size=112, batch=16, 
   return c
 
 
-def build_step(config, mesh=None, seed=0, blocks=None):
-  """(compiled step, fresh state, synthetic uint8 batch on the mesh, compile seconds).
-  `blocks`: `jit_train_step`'s (None: the platform's program; 0: the accelerators')."""
+def build_step(config, mesh=None, seed=0):
+  """(compiled step, fresh state, synthetic uint8 batch on the mesh, compile seconds)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cacl_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
   from cacl_jax.runtime import parallel
@@ -54,7 +53,7 @@ def build_step(config, mesh=None, seed=0, blocks=None):
   model = model_from_config(config.model)
   tx, schedule = optim.make_optimizer(config)
   state, shardings = step_lib.create_state(model, tx, config, mesh, seed=seed)
-  fn = step_lib.jit_train_step(model, tx, schedule, config, mesh, shardings, blocks=blocks)
+  fn = step_lib.jit_train_step(model, tx, schedule, config, mesh, shardings)
   rng = np.random.default_rng(seed)
   size, b = config.data.image_size, config.batch_size
   host = {k: rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for k in ("v", "v_pos")}

@@ -4,7 +4,7 @@
   python benchmarks/scaling.py --models demo r18_224 --devices 1 4 16
 
 At a fixed per-device batch (`--per_device_batch`, 8), compiles the accelerators' program of the
-train step (`jit_train_step(..., blocks=0)`: no CPU padding sample) over N devices of one process
+train step (`jit_train_step`, the one program of every platform) over N devices of one process
 (`--xla_force_host_platform_device_count=N`, one subprocess per N) and reads, per device:
   * FLOPs — `compiled.cost_analysis()` of the partitioned program (a loop body counts once, the
     same at every N: a weak-scaling comparison, not an absolute count; benchmarks/mfu.py unrolls);
@@ -13,7 +13,7 @@ train step (`jit_train_step(..., blocks=0)`: no CPU padding sample) over N devic
     count of the loops they sit in, and the largest single one;
   * peak memory — `memory_analysis()`: arguments + outputs − donated aliases + temporaries.
 Per-device work and traffic should not grow with N: what grows is only what docs/method.md §2 allows (BN
-statistics of the global batch, [global batch, channels]; the queues' new keys, [global batch, D]).
+groups' sums, [global batch / group, channels]; the queues' new keys, [global batch, D]).
 Writes benchmarks/results/scaling.json.
 """
 from __future__ import annotations
@@ -121,9 +121,9 @@ def model_config(name: str, per_device_batch: int, devices: int):
   return c
 
 
-def analyse(config, mesh, blocks: int = 0) -> dict:
+def analyse(config, mesh) -> dict:
   """Compile-only figures of the train step on `mesh` (per device): FLOPs, collective bytes by
-  kind, the largest collective, peak memory. blocks=0: the accelerators' program."""
+  kind, the largest collective, peak memory."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from cacl_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
@@ -132,7 +132,7 @@ def analyse(config, mesh, blocks: int = 0) -> dict:
   tx, schedule = optim.make_optimizer(config)
   abstract = jax.eval_shape(lambda: step_lib.init_state(model, tx, config, 0))
   fn = step_lib.jit_train_step(model, tx, schedule, config, mesh,
-                               step_lib.state_shardings(abstract, mesh), blocks=blocks)
+                               step_lib.state_shardings(abstract, mesh))
   size = config.data.image_size
   images = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8)
   t0 = time.perf_counter()
@@ -199,8 +199,7 @@ def main(argv=None):
       print(f"  {name} on {n:>2} devices: {row['flops'] / 1e9:8.2f} GFLOP, collectives "
             f"{row['collective_bytes'] / MIB:7.2f} MiB ({kinds or 'none'}), peak "
             f"{row['peak_bytes'] / GIB:.2f} GiB, compiled in {row['compile_s']} s", flush=True)
-  print(f"\nPer device, {args.per_device_batch} images per device, the accelerators' program "
-        "(blocks=0), float32:\n")
+  print(f"\nPer device, {args.per_device_batch} images per device, the one program, float32:\n")
   print("| model | devices | global batch | GFLOP | vs 1st | collectives MiB | largest collective | "
         "peak GiB |\n|---|---|---|---|---|---|---|---|")
   for name in args.models:

@@ -56,9 +56,8 @@ def analyse(backbone, height, width, batch, queue, dtype, soft_cycle, devices=8)
   model = model_from_config(config.model)
   tx, schedule = optim.make_optimizer(config)
   abstract = jax.eval_shape(lambda: step_lib.init_state(model, tx, config, 0))
-  # blocks=0: the accelerators' program (no per-device zero sample, `xla_cpu.layout_blocks`).
   fn = step_lib.jit_train_step(model, tx, schedule, config, mesh,
-                               step_lib.state_shardings(abstract, mesh), blocks=0)
+                               step_lib.state_shardings(abstract, mesh))
   images = jax.ShapeDtypeStruct((total, height, width, 3), jnp.uint8)
   t0 = time.perf_counter()
   stats = fn.lower(abstract, {"v": images, "v_pos": images}).compile().memory_analysis()

@@ -12,7 +12,7 @@ if "xla_force_host_platform_device_count" not in _flags:
 if "xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
-cli.use_fake_cpu_devices()   # XLA's default scheduler, one thread-pool size
+cli.use_fake_cpu_devices()   # XLA's default scheduler
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/cacl_jax_test_compile_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")

@@ -9,7 +9,7 @@ import pytest
 
 from cacl_jax import defaults
 from cacl_jax.method import losses, negatives, pixpro
-from cacl_jax.training import step as step_lib
+from cacl_jax.training import step as step_lib, streams
 from cacl_jax.models.cacl import model_from_config
 from test_losses import (TAU, _directional_check, close, maps, np_l2n, np_lse, rand, ref_global,
                          ref_match, ref_pixel)
@@ -206,7 +206,7 @@ def test_pixpro_variant_builds_the_propagation_layer_and_its_loss_runs_in_the_st
   out = model.apply(variables, jax.random.normal(jax.random.key(1), (4, 32, 32, 3)), train=False)
   assert out["p_value"].shape == out["p"].shape == (4, 4, 4, 16)
   queues = {h: np_l2n(rand(51, 8, 16)).astype(np.float32) for h in step_lib.HEADS}
-  total, terms = step_lib.cacl_losses(out, out, queues, c, jax.random.key(2))
+  total, terms = step_lib.cacl_losses(out, out, queues, c, streams.step_keys(np.array([0, 2], np.uint32))[1])
   want = pixpro.pixpro_loss(*(out[k].reshape(4, 16, 16) for k in ("p", "p_value", "p", "u", "u")),
                             (4, 4), c.loss.pixpro.threshold, c.loss.pixpro.gamma)
   np.testing.assert_allclose(terms["loss_pixel"], want, rtol=1e-6)

@@ -1,5 +1,6 @@
-"""The method core around the losses: pixel shuffle, EMA, queues, BN groups / shuffle-BN,
-device-count invariance of the sharded train step, and a learning signal."""
+"""The method core around the losses: pixel shuffle, EMA, queues, BN groups / shuffle-BN, the
+step's random streams, device-count invariance of the one sharded train step (a tolerance), and
+a learning signal."""
 import functools
 import importlib.util
 import os
@@ -14,12 +15,12 @@ import numpy as np
 import pytest
 
 from cacl_jax import defaults
-from cacl_jax.method import ema, fixed_order, pixel_shuffle, queue
+from cacl_jax.method import ema, pixel_shuffle, queue
 from cacl_jax.training import optim
 from cacl_jax.runtime import cli, parallel
-from cacl_jax.training import grad_blocks, step as step_lib, xla_cpu
+from cacl_jax.training import step as step_lib, streams, xla_cpu
 from cacl_jax.data import pipeline
-from cacl_jax.models.cacl import model_from_config, with_layout_blocks
+from cacl_jax.models.cacl import model_from_config
 from cacl_jax.models.resnet import GroupBatchNorm, compute_dtype
 
 SIZE, BATCH = 32, 16
@@ -210,9 +211,7 @@ def test_shuffle_bn_groups_are_redrawn_every_step():
   s2, _ = train_step(jax.tree.map(jnp.copy, s1), batch)
   perms = []
   for s in (state, s1):
-    key = jax.random.wrap_key_data(s.rng)
-    k_perm = jax.random.split(key, 7)[5]
-    perms.append(np.asarray(jax.random.permutation(k_perm, BATCH)))
+    perms.append(np.asarray(jax.random.permutation(streams.step_keys(s.rng)[1]["shuffle_bn"], BATCH)))
   assert not np.array_equal(perms[0], perms[1])
   assert not np.array_equal(np.asarray(state.rng), np.asarray(s1.rng))
   # Different groups → the target's BN statistics move differently on identical inputs.
@@ -245,131 +244,116 @@ def demo_config():
   return c
 
 
+def noise_pairs(batch, size, seed):
+  """v = uniform pixel noise, v+ = the same noise moved by (3, 2) pixels: the demo's frames have
+  flat regions, whose exact ties in the argmax matches, ReLUs and max-pools turn a rounding
+  difference into another decision (docs/reliability.md, "Same numbers on any device count")."""
+  big = np.random.default_rng(seed).integers(0, 256, (batch, size + 3, size + 2, 3)).astype(np.uint8)
+  return {"v": np.ascontiguousarray(big[:, :size, :size]),
+          "v_pos": np.ascontiguousarray(big[:, 3:size + 3, 2:size + 2])}
+
+
 @functools.lru_cache(maxsize=None)
 def demo_steps(num_devices: int, steps: int = 2):
-  """The demo's model, losses and first `steps` global batches on `num_devices` devices: the
-  metrics of each step, and the state after it (on the host)."""
+  """The demo's model, losses, optimiser and schedule on `num_devices` devices, `steps` steps
+  of pixel-noise pairs: the metrics of each step, and the state after it (on the host)."""
   c = demo_config()
   mesh = parallel.make_mesh(num_devices)
   model = model_from_config(c.model)
   tx, schedule = optim.make_optimizer(c)
   state, shardings = step_lib.create_state(model, tx, c, mesh, c.seed)
   train_step = step_lib.jit_train_step(model, tx, schedule, c, mesh, shardings)
-  batches = iter(pipeline.make_pretrain_dataset(c.data, global_batch_size=c.batch_size,
-                                                process_index=0, process_count=1, seed=c.seed))
   history, states = [], []
-  for _ in range(steps):
-    batch = {k: v for k, v in next(batches).items() if k in ("v", "v_pos")}
+  for step in range(steps):
+    batch = noise_pairs(c.batch_size, c.data.image_size, step)
     state, metrics = train_step(state, parallel.host_to_global(mesh, batch))
     history.append(parallel.to_host(metrics))
     states.append(parallel.to_host(state))
   return history, states
 
 
-def test_the_demos_first_two_steps_are_bit_identical_on_1_2_4_and_8_devices():
-  """docs/method.md §2: BN groups and the global RNG make the sharding invisible, and on a CPU not only
-  up to rounding. The demo's defaults (frame negatives, the soft self target, circular
-  padding, lr 2.0 from step 1): at init a single ReLU that flips on a 1-ulp difference moves a
-  layer's gradient by ~1e-3, and it did from step 3 on when the gradient's batch sums were
-  split by the layout. Here every loss, every parameter, BN statistic, optimiser slot and
-  queue entry has the same bits: the target's forward pass pads each device's samples
-  (`resnet.pad_blocks`), the online network and the losses run in blocks of one BN group
-  added in a fixed order (`grad_blocks.py`). 4 devices hold one block each, 8 hold half a
-  block: two devices compute each block (`grad_blocks.copies_per_block`)."""
+def relative_differences(tree, ref) -> dict[str, float]:
+  """‖a − b‖ / ‖b‖ per layer: the leaves of one module together (a BN layer's scale and bias, a
+  convolution's kernel, a queue), in float64; 0 where both are 0."""
+  sums = {}
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(ref)):
+    layer = jax.tree_util.keystr(path[:-1]) if len(path) > 1 else jax.tree_util.keystr(path)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d, n = sums.get(layer, (0.0, 0.0))
+    sums[layer] = (d + np.sum((a - b) ** 2), n + np.sum(b ** 2))
+  return {k: np.sqrt(d / n) if n else np.sqrt(d) for k, (d, n) in sums.items()}
+
+
+STATE_PARTS = ("params", "batch_stats", "target_params", "target_batch_stats", "opt_state", "queues")
+
+
+def test_the_demos_steps_agree_on_1_2_4_and_8_devices():
+  """docs/method.md §2: BN groups and the global random streams make the sharding invisible up to
+  float reduction order, in the one program every platform runs. The demo's model, losses and
+  lr 2.0 from step 1, on 2, 4 and 8 devices against one (on 8 a BN group of 8 spans two
+  devices, whose statistics are the groups' all-reduced sums): every loss within 1e-5 relative
+  at step 1 and 2e-4 at step 2; after step 1 the parameters, BN statistics, target and queues
+  within 1e-5 per layer (‖Δ‖/‖θ‖ over a module's leaves; measured ≤ 2.3e-6, docs/reliability.md),
+  the optimiser's momentum (this step's gradient) within 1e-4 (measured ≤ 9.3e-6); the step's RNG,
+  queue pointers and step equal. Not per leaf: after one step a BN bias is lr × the small
+  residual of sums that cancel, which any reordering moves by ~2e-5 relative. The state after
+  step 2 is not compared: one step of rounding differences, through the ReLUs and the argmax
+  matches, moves a layer by ~2e-3 (docs/reliability.md, "Same numbers on any device count")."""
   ref_hist, ref_states = demo_steps(1)
   for n in (2, 4, 8):
     hist, states = demo_steps(n)
-    for step, (a, b, state, ref) in enumerate(zip(hist, ref_hist, states, ref_states), start=1):
+    for step, tol in ((1, 1e-5), (2, 2e-4)):
+      a, b = hist[step - 1], ref_hist[step - 1]
       for k in ("loss", "loss_global", "loss_pixel", "loss_cycle"):
-        assert a[k] == b[k], (k, step, n, a[k], b[k])
-      for part in ("params", "batch_stats", "target_params", "target_batch_stats", "opt_state",
-                   "queues", "queue_ptrs", "rng"):
-        chex.assert_trees_all_equal(getattr(state, part), getattr(ref, part),
-                                    custom_message=f"{part} after step {step} on {n} devices")
+        assert abs(a[k] - b[k]) <= tol * abs(b[k]), (k, step, n, a[k], b[k])
+    state, ref = states[0], ref_states[0]
+    for part in STATE_PARTS:
+      worst = max(relative_differences(getattr(state, part), getattr(ref, part)).items(),
+                  key=lambda kv: kv[1])
+      assert worst[1] <= (1e-4 if part == "opt_state" else 1e-5), (part, n, worst)
+    for state, ref in zip(states, ref_states):
+      chex.assert_trees_all_equal((state.rng, state.queue_ptrs, state.step),
+                                  (ref.rng, ref.queue_ptrs, ref.step))
 
 
-def test_the_train_forward_pass_is_bit_identical_on_any_device_count():
-  """Train-mode forward of the demo's network with shuffle-BN, as the train step pads and
-  compiles it: every output of every sample has the same bits on 1, 2 and 8 devices (on 8 a BN
-  group of 8 spans four devices). Each device runs only its own samples (no image moves); the
-  per-sample BN sums, gathered into the permutation's groups, are what makes the bits equal."""
-  c = demo_config()
-  model = model_from_config(c.model)
-  x = jax.random.normal(jax.random.key(0), (16, SIZE, SIZE, 3))   # 2 samples a device on 8
-  variables = model.init(jax.random.key(1), x[:c.model.bn_group_size], train=True)
-  perm = jax.random.permutation(jax.random.key(2), len(x))
-  outputs = []
-  for n in (1, 2, 8):
-    mesh = parallel.make_mesh(n)
-    padded = with_layout_blocks(model, xla_cpu.layout_blocks(mesh))
-    forward = jax.jit(lambda v, x: step_lib.forward(padded, v["params"], v["batch_stats"], x, None,
-                                                    perm)[0],
-                      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
-                      out_shardings=parallel.replicated(mesh))
-    forward = forward.lower(variables, x).compile(xla_cpu.compiler_options(c, mesh))
-    outputs.append(parallel.to_host(forward(variables, x)))
-  for n, out in zip((2, 8), outputs[1:]):
-    for k in ("h", "u", "p", "c"):
-      np.testing.assert_array_equal(out[k], outputs[0][k], err_msg=f"{k} on {n} devices")
+def test_a_rerun_on_the_same_layout_is_bit_identical():
+  """Same devices, same state, same batch: the same bits (what resume and reruns rely on)."""
+  mesh, state, train_step = compiled(4)
+  batch = parallel.host_to_global(mesh, pair_batch())
+  runs = []
+  for _ in range(2):
+    s = jax.tree.map(jnp.copy, state)
+    for _ in range(2):
+      s, metrics = train_step(s, batch)
+    runs.append(parallel.to_host((s, metrics)))
+  chex.assert_trees_all_equal(runs[0], runs[1])
 
 
-def test_tree_sum_adds_pairwise_in_index_order():
-  """((x0 + x1) + (x2 + x3)) + (x4 + 0), along any axis: here 3, where a left-to-right sum
-  gives 4 (1e8 + 1 rounds to 1e8 in float32)."""
-  x = jnp.array([1e8, 1.0, -1e8, 1.0, 3.0], jnp.float32)
-  assert float(fixed_order.tree_sum(x)) == 3.0
-  assert float(np.cumsum(np.asarray(x))[-1]) == 4.0
-  rows = jnp.stack([x, 2 * x])
-  np.testing.assert_array_equal(np.asarray(fixed_order.tree_sum(rows, axis=1)), [3.0, 6.0])
-  np.testing.assert_array_equal(np.asarray(fixed_order.tree_mean(rows, axis=0)), np.asarray(1.5 * x))
+def test_every_purpose_draws_from_its_own_key():
+  """streams.py: no two purposes of a step share a key, nor any purpose the next step's key or
+  a purpose of a later step (MoCHi's draws once reused the cycle queue's pixel picks: with
+  partitionable threefry, split(k)[i] == fold_in(k, i))."""
+  assert jax.config.jax_threefry_partitionable
+  rng = np.asarray(jax.random.key_data(jax.random.key(7)))
+  seen = {}
+  for step in range(3):
+    rng, keys = streams.step_keys(rng)
+    assert list(keys) == list(streams.PURPOSES)
+    for name, key in {**keys, "next step": jax.random.wrap_key_data(rng)}.items():
+      data = np.asarray(jax.random.key_data(key)).tobytes()
+      assert data not in seen, (step, name, seen.get(data))
+      seen[data] = (step, name)
+  keys = streams.step_keys(rng)[1]
+  picks = [np.asarray(jax.random.randint(keys[p], (8, 4), 0, 64)) for p in
+           ("enqueue_pixel", "enqueue_cycle", "mochi_global", "mochi_pixel")]
+  assert all(not np.array_equal(a, b) for i, a in enumerate(picks) for b in picks[i + 1:])
 
 
-def test_blockwise_value_and_grad_is_one_value_and_grad_per_block_on_any_mesh():
-  """Each block's value, aux and gradient, in block order and with the same bits on 1, 2 and 8
-  devices (on 8, two devices compute each of the 4 blocks); their mean is the batch's."""
-  x = jax.random.normal(jax.random.key(0), (8, 5))
-  w = {"w": jax.random.normal(jax.random.key(1), (5,))}
-  fn = lambda p, scale, x, index: (scale * jnp.mean(jnp.square(x @ p["w"])), index)
-  assert grad_blocks.copies_per_block(4, 8) == 2 and grad_blocks.copies_per_block(4, 2) == 1
-  results = []
-  for n in (1, 2, 8):
-    mesh = parallel.make_mesh(n)
-    run = jax.jit(lambda w, x: grad_blocks.blockwise_value_and_grad(fn, w, 3.0, x, 2, mesh),
-                  in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)))
-    results.append(parallel.to_host(run(w, x)))
-  for other in results[1:]:
-    chex.assert_trees_all_equal(other, results[0])
-  values, index, grads = results[0]
-  np.testing.assert_array_equal(index, [0, 1, 2, 3])
-  value, grad = jax.value_and_grad(lambda p: fn(p, 3.0, x, 0)[0])(w)
-  np.testing.assert_allclose(values.mean(), value, rtol=1e-6)
-  np.testing.assert_allclose(grads["w"].mean(axis=0), grad["w"], rtol=1e-5)
-
-
-_DOT = """
-from cacl_jax.runtime import cli
-cli.use_fake_cpu_devices()
-import jax, jax.numpy as jnp, numpy as np
-rng = np.random.default_rng(0)
-a, b = rng.standard_normal((512, 64), np.float32), rng.standard_normal((512, 128), np.float32)
-product = jax.jit(lambda a, b: jnp.einsum("kc,kf->cf", a, b, precision="highest"))(a, b)
-print(np.asarray(product).tobytes().hex())
-"""
-
-
-def test_processes_with_1_and_4_fake_devices_get_the_same_cpu_kernels():
-  """XLA:CPU's thread pool grows with the fake devices (max(cores, devices) threads), and its
-  dot kernels block a long sum by the pool's size: on a 2-core machine the same one-device
-  product differed between processes of 1 and of 4 devices. `cli.use_fake_cpu_devices` gives such
-  processes one pool size, so a run's numbers do not depend on how many devices it asked for."""
-  products = []
-  for n in (1, 4):
-    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC")}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
-    out = subprocess.run([sys.executable, "-c", _DOT], env=env, cwd=ROOT, check=True,
-                         capture_output=True, text=True)
-    products.append(out.stdout.strip().splitlines()[-1])
-  assert products[0] == products[1]
+def test_the_mesh_follows_the_cpu_devices_order():
+  """CPUs: the devices as enumerated (what the multi-process tests' layouts assume); GPUs and
+  TPUs take `mesh_utils.create_device_mesh`'s topology order (`parallel.device_order`)."""
+  assert list(parallel.make_mesh(4).devices.flat) == jax.devices()[:4]
+  assert parallel.make_mesh().devices.shape == (len(jax.devices()),)
 
 
 _FAULTS = """
@@ -475,31 +459,6 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses():
     assert metrics[k].dtype == jnp.float32 and np.isfinite(float(metrics[k]))
     # bf16 activations move the losses a little, not a lot.
     np.testing.assert_allclose(float(metrics[k]), ref[k], rtol=0.1, atol=0.05)
-
-
-def test_the_accelerators_program_computes_the_cpu_programs_numbers():
-  """GPUs and TPUs compile the step unpadded and in one value_and_grad (`blocks=0`); the CPU
-  pads each device's block with a zero sample and runs the online network in gradient blocks
-  of one BN group. On one device both programs give the same losses and the same state up to
-  rounding (the padding and the blocks change which kernel path computes what, and the order
-  of the gradient's sums)."""
-  c = tiny_config()
-  mesh = parallel.make_mesh(1)
-  model = model_from_config(c.model)
-  tx, schedule = optim.make_optimizer(c)
-  state, shardings = step_lib.create_state(model, tx, c, mesh, seed=0)
-  batch = parallel.host_to_global(mesh, pair_batch())
-  results = []
-  for blocks in (None, 0):
-    step = step_lib.jit_train_step(model, tx, schedule, c, mesh, shardings, blocks=blocks)
-    new, metrics = step(jax.tree.map(jnp.copy, state), batch)
-    results.append((parallel.to_host(new), parallel.to_host(metrics)))
-  (cpu_state, cpu), (acc_state, acc) = results
-  for k in ("loss", "loss_global", "loss_pixel", "loss_cycle"):
-    np.testing.assert_allclose(acc[k], cpu[k], rtol=1e-5, err_msg=k)
-  for part in ("params", "target_batch_stats", "queues"):
-    chex.assert_trees_all_close(getattr(acc_state, part), getattr(cpu_state, part), rtol=1e-4,
-                                atol=1e-6, custom_message=part)
 
 
 def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():

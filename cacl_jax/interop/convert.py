@@ -95,7 +95,7 @@ def backbone_state(config, params: dict, batch_stats: dict, head_g: dict | None 
       opt_state=jax.jit(tx.init)(online),
       queues={h: init_queue(k) for h, k in zip(shapes.queues, jax.random.split(k_queues, len(shapes.queues)))},
       queue_ptrs={h: jnp.zeros((), jnp.int32) for h in shapes.queues},
-      rng=jax.random.key_data(k_state))
+      rng=jax.random.key_data(k_state), skipped_steps=jnp.zeros((), jnp.int32))
   # If the train state ever gains a part this function does not fill, say so here rather
   # than write a checkpoint that `restore_pretrained` cannot read.
   if jax.tree.structure(state) != jax.tree.structure(shapes) or not all(jax.tree.leaves(

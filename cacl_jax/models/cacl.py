@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from cacl_jax.models.heads import Head, PixelDense
-from cacl_jax.models.resnet import ResNet, backbone_from_config, pad_blocks, unpad_blocks
+from cacl_jax.models.resnet import ResNet, backbone_from_config
 
 
 class CACL(nn.Module):
@@ -19,11 +19,6 @@ class CACL(nn.Module):
   per-pixel u = g_G(h) is the same head applied to every pixel. Unused outputs cost nothing
   under jit. The online and the target network are this same module applied with two
   parameter trees.
-
-  With `backbone.layout_blocks` = the number of devices (the train step on a CPU,
-  `with_layout_blocks`), the batch is padded with one zero sample per device before the
-  network and unpadded after it, so that every real sample is computed bit for bit the same
-  whatever the device count (`resnet.pad_blocks`); the parameters are the same.
   """
   backbone: ResNet
   embed_dim: int = 128
@@ -32,25 +27,14 @@ class CACL(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, perm: jax.Array | None = None
                ) -> dict[str, jax.Array]:
-    blocks = self.backbone.layout_blocks
-    h = self.backbone(pad_blocks(x, blocks), train, perm)
+    h = self.backbone(x, train, perm)
     heads = {k: Head(self.embed_dim, self.backbone.dtype, name=f"head_{k.upper()}")
              for k in ("g", "p", "c")}
     u_gap = heads["g"](jnp.mean(h, axis=(1, 2), keepdims=True))
     out = {"h": h, "u": heads["g"](h), "p": heads["p"](h), "c": heads["c"](h), "u_gap": u_gap}
     if self.ppm_transform:
       out["p_value"] = PixelDense(self.embed_dim, self.backbone.dtype, jnp.float32, name="head_PPM")(out["p"])
-    return {k: unpad_blocks(v, blocks) for k, v in out.items()}
-
-
-def with_layout_blocks(model: CACL, blocks: int) -> CACL:
-  """The same network (same parameters) computing on a batch split over `blocks` devices."""
-  return with_backbone(model, layout_blocks=blocks)
-
-
-def with_backbone(model: CACL, **fields) -> CACL:
-  """The same network (same parameters) with these backbone fields changed."""
-  return model.clone(backbone=model.backbone.clone(**fields))
+    return out
 
 
 def model_from_config(model_config) -> CACL:

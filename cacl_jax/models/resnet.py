@@ -12,7 +12,8 @@ previous stage's dilation in its first 3×3 conv and the new dilation afterwards
 
 BatchNorm takes its statistics over fixed groups of `bn_group_size` consecutive samples of the
 global batch (docs/method.md §2, "BatchNorm groups"), so results do not depend on how many devices the
-batch is sharded over; `bn_group_size=None` is SyncBN over the whole batch.
+batch is sharded over (up to float reduction order); `bn_group_size=None` is SyncBN over the whole
+batch.
 
 Padding (`model.padding`): 'zeros' as torchvision and the paper, or 'circular' in every conv and
 the max-pool. With circular padding the network is exactly equivariant to rolls by multiples of
@@ -34,68 +35,37 @@ import jax.numpy as jnp
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming fan_out
 
 
-def pad_blocks(x: jax.Array, blocks: int, fill: float = 0.0) -> jax.Array:
-  """[B, ...] → [blocks·(B/blocks + 1), ...]: one `fill` sample after each of `blocks` equal blocks.
-
-  The train step splits the batch over devices in `blocks` blocks; with this padding every
-  device's last real sample sits in the middle of its convolutions' rows, never at their end,
-  where XLA:CPU's kernels take a remainder path that rounds the last output pixels differently
-  (1 ulp: enough to flip a ReLU). So every real sample is computed the same way whatever the
-  device count (`CACL.layout_blocks`). blocks = 0: no padding.
-  """
-  if not blocks:
-    return x
-  x = x.reshape(blocks, x.shape[0] // blocks, *x.shape[1:])
-  x = jnp.pad(x, ((0, 0), (0, 1)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
-  return x.reshape(-1, *x.shape[2:])
+def group_of(group: int, perm: jax.Array) -> jax.Array:
+  """Under shuffle-BN, each sample's BN group, int32 [B]: the group of the position the sample
+  takes in x[perm], argsort(perm)[i] // group."""
+  return jnp.argsort(perm) // group
 
 
-def unpad_blocks(x: jax.Array, blocks: int) -> jax.Array:
-  """The inverse of `pad_blocks`: the real samples, in order."""
-  if not blocks:
-    return x
-  x = x.reshape(blocks, x.shape[0] // blocks, *x.shape[1:])[:, :-1]
-  return x.reshape(-1, *x.shape[2:])
+def group_sums(x: jax.Array, group: int, members: jax.Array | None) -> jax.Array:
+  """x [B, ..., C] → its sums per BN group [G, C], G = B / group.
+
+  Consecutive groups (members None): a reshape to [G, group, ..., C] and a sum, which on a mesh
+  with the batch on 'data' stays on the devices that hold the group (a group spanning devices
+  is summed over just those). Shuffle-BN's groups (members: float32 one-hot [B, G]): each
+  sample's sums over its positions, then a product with the membership, so that each device
+  adds up its own samples and one all-reduce of [G, C] completes the sums — G rows per BN layer,
+  not the B per-sample rows a gather would move (docs/method.md §2, "Weak scaling"). HIGHEST:
+  a TPU's default float32 product would round the statistics to bfloat16; a product (unlike a
+  scatter-add) is also deterministic on GPUs."""
+  b, c = x.shape[0], x.shape[-1]
+  if members is None:
+    return x.reshape(b // group, -1, c).sum(axis=1)
+  per_sample = x.reshape(b, -1, c).sum(axis=1)
+  return jnp.einsum("bg,bc->gc", members, per_sample, precision=jax.lax.Precision.HIGHEST)
 
 
-def per_sample_sums(x: jax.Array) -> jax.Array:
-  """Σ over each sample's positions: [B, ..., C] → [B, C], the same bits however many samples a
-  device holds. Written as a product with a vector of ones: XLA:CPU hands a plain reduction to
-  YNNPACK, which splits it by the shape of the whole array (a 4×4 map's sums came out an ulp
-  apart for 2 and 17 samples on a device, enough to flip ReLUs downstream); the product is
-  summed per sample alike (tests/test_step.py, the bit-identical forward pass)."""
-  x = x.reshape(x.shape[0], -1, x.shape[-1])
-  return jnp.einsum("bnc,n->bc", x, jnp.ones(x.shape[1], x.dtype), precision=jax.lax.Precision.HIGHEST)
-
-
-def ordered_group_sum(s: jax.Array, group: int, perm: jax.Array | None = None) -> jax.Array:
-  """Per-sample sums s [B, C] → group sums [B/group, C]; group g holds the samples
-  perm[g·group : (g+1)·group] (consecutive samples when perm is None).
-
-  The order of the additions is fixed by the expression, not by the layout: the group's samples
-  are added pairwise in their order within the group. A device-count-dependent reduction order
-  changed the statistics by 1 ulp, and that flipped ReLUs downstream. With a permutation only
-  these [B, C] sums are gathered into the permuted order, never the samples themselves
-  (shuffle-BN without moving images, docs/method.md §2 "Weak scaling").
-  """
-  if perm is not None:
-    s = jnp.take(s, perm, axis=0)
-  s = s.reshape(-1, group, s.shape[-1])
-  while s.shape[1] > 1:
-    if s.shape[1] % 2:
-      s = jnp.pad(s, ((0, 0), (0, 1), (0, 0)))
-    s = s[:, 0::2] + s[:, 1::2]
-  return s[:, 0]
-
-
-def per_sample_stats(stat: jax.Array, group: int, perm: jax.Array | None) -> jax.Array:
-  """Group statistics [G, C] → each sample's group's [B, C], in the samples' own order: group
-  i // group, or with a permutation that of the position the sample takes in it
-  (argsort(perm)[i] // group). Without a permutation a repeat, whose gradient is a plain sum
-  over the group (the target, which takes the permutation, gets no gradient)."""
-  if perm is None:
-    return jnp.repeat(stat, group, axis=0)
-  return jnp.take(stat, jnp.argsort(perm) // group, axis=0)
+def per_sample(stat: jax.Array, group: int, members: jax.Array | None, ndim: int) -> jax.Array:
+  """Group statistics [G, C] → each sample's own group's, [B, 1, ..., 1, C] with `ndim` axes:
+  a repeat for consecutive groups, a product with the one-hot membership [B, G] otherwise (exact:
+  one term per row; its transpose, the gradient, is again a sum per group)."""
+  stat = (jnp.repeat(stat, group, axis=0) if members is None else
+          jnp.einsum("bg,gc->bc", members, stat, precision=jax.lax.Precision.HIGHEST))
+  return stat.reshape((stat.shape[0],) + (1,) * (ndim - 2) + (stat.shape[-1],))
 
 
 def moving_average(old: jax.Array, new: jax.Array, momentum: float) -> jax.Array:
@@ -114,16 +84,13 @@ class GroupBatchNorm(nn.Module):
   Groups are consecutive samples, or with `perm` (int32 [B], shuffle-BN) the samples
   perm[g·size : (g+1)·size]: the samples stay where they are and each is normalised with the
   statistics of the group the permutation puts it in, so that a device computes only its own
-  samples and exchanges per-sample statistics ([B, C]), never images or feature maps. The
-  statistics are summed in a layout-independent order (`ordered_group_sum`): the same bits
-  as permuting the samples first. With `layout_blocks` the batch carries `pad_blocks`
-  padding, which they skip.
+  samples. What crosses devices is each group's sum over its members ([G, C], `group_sums`),
+  never images, feature maps or per-sample rows; consecutive groups are summed where they lie.
   """
   group_size: int | None = None
   momentum: float = 0.9  # = 1 − torch momentum 0.1
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
-  layout_blocks: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, perm: jax.Array | None = None) -> jax.Array:
@@ -137,35 +104,27 @@ class GroupBatchNorm(nn.Module):
       y = (x32 - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
       return (y * scale + bias).astype(self.dtype)
 
-    real = unpad_blocks(x32, self.layout_blocks)
-    b = real.shape[0]
+    b = x.shape[0]
     g = self.group_size or b
     if b % g:
       raise ValueError(f"BatchNorm group size {g} does not divide the batch of {b} samples "
                        "(set model.bn_group_size to a divisor of the global batch)")
-    n = g * (real.size // (b * c))                           # values per group and channel
-    # Per-sample statistics in x's layout (padding samples: mean 0, factor 1; dropped later).
-    per_sample = lambda stat, fill: pad_blocks(per_sample_stats(stat, g, perm), self.layout_blocks,
-                                               fill).reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (c,))
-    mean = ordered_group_sum(per_sample_sums(real), g, perm) / n           # [G, C]
-    if perm is None:
-      centred = real.reshape(b // g, g, -1, c) - mean[:, None, None]
-    else:
-      centred = real.reshape(b, -1, c) - per_sample_stats(mean, g, perm)[:, None]
-    var = ordered_group_sum(per_sample_sums(jnp.square(centred).reshape(b, -1, c)), g, perm) / n
+    n = g * (x.size // (b * c))                                        # values per group and channel
+    members = (None if perm is None else
+               jax.nn.one_hot(group_of(g, perm), b // g, dtype=jnp.float32))  # [B, G]
+    sums = lambda t: group_sums(t, g, members)                                    # [G, C]
+    spread = lambda stat: per_sample(stat, g, members, x.ndim)                    # [B, 1.., C]
+    mean = sums(x32) / n
+    var = sums(jnp.square(x32 - spread(mean))) / n
     if not self.is_initializing():
-      # On a CPU (`layout_blocks`) the groups' average in a fixed pairwise order: `mean(axis=0)`
-      # over groups that span devices (the target's) was summed in a layout-dependent order.
-      # GPUs and TPUs keep XLA's reduction, which costs them no collectives per BN layer.
-      groups = mean.shape[0]
-      average = ((lambda stat: ordered_group_sum(stat, groups)[0] / groups) if self.layout_blocks
-                 else (lambda stat: stat.mean(axis=0)))
-      unbiased = average(var) * n / max(n - 1, 1)
-      ra_mean.value = moving_average(ra_mean.value, average(mean), self.momentum)
+      unbiased = var.mean(axis=0) * n / max(n - 1, 1)
+      ra_mean.value = moving_average(ra_mean.value, mean.mean(axis=0), self.momentum)
       ra_var.value = moving_average(ra_var.value, unbiased, self.momentum)
-    mu = per_sample(mean, 0.0)
-    inv = per_sample(jax.lax.rsqrt(var + self.epsilon), 1.0)
-    return (((x32 - mu) * inv) * scale + bias).astype(self.dtype)
+    # y = x·a + b with a = scale/σ and b = bias − μ·a, per group (PyTorch's kernel does the
+    # same): the gradient keeps x, not also a centred copy of it (that cost ResNet-18 at 224 px
+    # and 8 images ~0.2 GiB per device, benchmarks/scaling.py's peak).
+    factor = jax.lax.rsqrt(var + self.epsilon) * scale                              # [G, C]
+    return (x32 * spread(factor) + spread(bias - mean * factor)).astype(self.dtype)
 
 
 PADDINGS = ("zeros", "circular")
@@ -210,8 +169,6 @@ class _Block(nn.Module):
   bn_group_size: int | None = None
   dtype: Any = jnp.float32
   padding: str = "zeros"
-  layout_blocks: int = 0
-  bn_momentum: float = 0.9
 
   def conv(self, features, kernel, stride=1, dilation=1, name=None):
     return _conv(features, kernel, stride, dilation, self.dtype, name, self.padding)
@@ -223,9 +180,7 @@ class BasicBlock(_Block):
 
   @nn.compact
   def __call__(self, x, train: bool, perm: jax.Array | None = None):
-    bn = lambda name: functools.partial(GroupBatchNorm(self.bn_group_size, momentum=self.bn_momentum,
-                                                       dtype=self.dtype, name=name,
-                                                       layout_blocks=self.layout_blocks),
+    bn = lambda name: functools.partial(GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name=name),
                                         perm=perm)
     y = self.conv(self.planes, 3, self.stride, self.first_dilation, "conv1")(x)
     y = nn.relu(bn("bn1")(y, train))
@@ -243,9 +198,7 @@ class Bottleneck(_Block):
 
   @nn.compact
   def __call__(self, x, train: bool, perm: jax.Array | None = None):
-    bn = lambda name: functools.partial(GroupBatchNorm(self.bn_group_size, momentum=self.bn_momentum,
-                                                       dtype=self.dtype, name=name,
-                                                       layout_blocks=self.layout_blocks),
+    bn = lambda name: functools.partial(GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name=name),
                                         perm=perm)
     y = self.conv(self.planes, 1, 1, 1, "conv1")(x)
     y = nn.relu(bn("bn1")(y, train))
@@ -274,10 +227,6 @@ class ResNet(nn.Module):
   bn_group_size: int | None = None
   dtype: Any = jnp.float32
   padding: str = "zeros"   # 'zeros' | 'circular'
-  layout_blocks: int = 0   # the batch carries `pad_blocks` padding for this many devices (train step)
-  # The running statistics' momentum (`GroupBatchNorm.momentum`); 0: the BN layers' running
-  # statistics come out as this batch's own (`step.losses_in_blocks` averages them over blocks).
-  bn_momentum: float = 0.9
 
   @property
   def num_features(self) -> int:
@@ -296,8 +245,7 @@ class ResNet(nn.Module):
     if self.padding not in PADDINGS:
       raise ValueError(f"model.padding must be one of {PADDINGS}, got {self.padding!r}")
     x = _conv(w, 7, 2, 1, self.dtype, "conv1", self.padding)(x)
-    x = nn.relu(GroupBatchNorm(self.bn_group_size, momentum=self.bn_momentum, dtype=self.dtype,
-                               layout_blocks=self.layout_blocks, name="bn1")(x, train, perm))
+    x = nn.relu(GroupBatchNorm(self.bn_group_size, dtype=self.dtype, name="bn1")(x, train, perm))
     x = _max_pool(x, self.padding)
     in_ch, dilation = w, 1
     # (stride, dilate) per stage: stages 3 and 4 trade their stride for dilation.
@@ -314,7 +262,6 @@ class ResNet(nn.Module):
                   first_dilation=prev if j == 0 else dilation,
                   project=(j == 0 and (s != 1 or in_ch != out_ch)),
                   bn_group_size=self.bn_group_size, dtype=self.dtype, padding=self.padding,
-                  layout_blocks=self.layout_blocks, bn_momentum=self.bn_momentum,
                   name=f"layer{stage}_{j}")(x, train, perm)
         in_ch = out_ch
     return x

@@ -43,32 +43,20 @@ def parse_flags(program: str):
 
 def use_fake_cpu_devices(environ=os.environ) -> None:
   """Settings for a process with fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N,
-  the tests' and the device-count checks' setting). Call it before JAX creates its CPU client
-  (every entry point does, through `parse_flags`); a user's own settings win.
+  N > 1: the tests' and the device-count checks' setting). Call it before JAX creates its CPU
+  client (every entry point does, through `parse_flags`); a user's own setting wins.
 
-  * XLA's default scheduler (N > 1): XLA:CPU's concurrency-optimised scheduler can order one
-    device's collectives so that each device waits in a rendezvous another cannot reach. The
-    demo's train step on 4 CPU devices deadlocked every time with it (all-gathers over device
-    pairs against the gradients' all-reduce; XLA aborts after 40 s); the default scheduler
-    runs the same arithmetic (scheduling orders the ops, it does not change them).
-  * One thread-pool size (PJRT_NPROC = max(cores, 8, N)): XLA:CPU's pool has max(PJRT_NPROC or
-    the core count, N) threads, and its dot and convolution kernels (Eigen's, YNNPACK's) block
-    their sums by the pool's size: the same single-device dot came out an ulp apart in
-    processes with 1 and with 4 fake devices on a 2-core machine (pools of 2 and 4), and within
-    three steps that is 1e-3 of the loss. So runs on 1 to 8 fake devices compute the same bits.
+  XLA's default scheduler: XLA:CPU's concurrency-optimised scheduler can order one device's
+  collectives so that each device waits in a rendezvous another cannot reach. The demo's train
+  step on 4 CPU devices deadlocked every time with it (all-gathers over device pairs against the
+  gradients' all-reduce; XLA aborts after 40 s); the default scheduler runs the same arithmetic
+  (scheduling orders the ops, it does not change them).
   """
   flags = environ.get("XLA_FLAGS", "")
   devices = re.search(r"xla_force_host_platform_device_count=(\d+)", flags)
-  if not devices:
-    return
-  if int(devices.group(1)) > 1 and "concurrency_optimized_scheduler" not in flags:
+  if devices and int(devices.group(1)) > 1 and "concurrency_optimized_scheduler" not in flags:
     environ["XLA_FLAGS"] = (flags + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
-  if not {"PJRT_NPROC", "NPROC"} & set(environ):
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    environ["PJRT_NPROC"] = str(max(cores, _POOL, int(devices.group(1))))
 
-
-_POOL = 8   # the thread pool of a process with fake devices: the tests' device count
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4

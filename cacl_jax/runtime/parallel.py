@@ -15,7 +15,7 @@ import threading
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -126,14 +126,25 @@ class StopOnSigterm:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def device_order(devices: list) -> np.ndarray:
+  """The devices in the order the 'data' axis runs over them: as enumerated on CPUs; on GPUs and
+  TPUs the order `mesh_utils.create_device_mesh` computes from the topology (on a TPU slice,
+  neighbours on the interconnect's ring next to each other, so that the gradients' all-reduce
+  and the queues' all-gather travel between neighbours)."""
+  if devices[0].platform == "cpu":
+    return np.asarray(devices)
+  return mesh_utils.create_device_mesh((len(devices),), devices=devices)
+
+
 def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D mesh named 'data' over the first `num_devices` devices (default: all)."""
+  """A 1-D mesh named 'data' over the first `num_devices` devices (default: all), in
+  `device_order`."""
   devices = jax.devices()
   if num_devices is not None:
     if num_devices > len(devices):
       raise ValueError(f"asked for {num_devices} devices, only {len(devices)} exist")
     devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (DATA,))
+  return Mesh(device_order(devices), (DATA,))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

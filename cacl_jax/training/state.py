@@ -2,7 +2,9 @@
 
 TrainState holds the online parameters θo and their BN statistics, the target θt (the EMA of
 θo) with its own BN statistics, the optimiser state, the three negative queues (sharded along
-K over the mesh's 'data' axis) with their pointers, and the key of the next step.
+K over the mesh's 'data' axis) with their pointers, the key of the next step, and how many
+steps were skipped (`nonfinite.py`: a step whose loss or gradient is not finite changes
+nothing but `step`, `rng` and `skipped_steps`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class TrainState:
   queues: dict[str, jax.Array]  # head → float32 [K, D] unit vectors, sharded along K
   queue_ptrs: dict[str, jax.Array]  # head → int32 [], the oldest entry
   rng: jax.Array                # uint32 key data
+  skipped_steps: jax.Array      # int32 [], cumulative: steps whose update was not applied
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, config, seed: int) -> TrainState:
@@ -50,7 +53,7 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, config, seed:
       target_params=jax.tree.map(jnp.copy, params), target_batch_stats=jax.tree.map(jnp.copy, stats),
       opt_state=tx.init(params), queues=queues,
       queue_ptrs={h: jnp.zeros((), jnp.int32) for h in HEADS},
-      rng=jax.random.key_data(k_state))
+      rng=jax.random.key_data(k_state), skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:

@@ -7,15 +7,16 @@ One step, in order (MoCo-v2 order; the EMA of step t−1 is the target of step t
      stop-gradient: the target gets no gradient;
   3. online on v — pixel shuffle, forward, roll back; the three losses against the queues;
   4. LARS update of the online parameters; EMA of the target parameters;
-  5. enqueue k, and `queue.pixels_per_image` random pixels of p̂+ / ĉ+ per image.
+  5. enqueue k, and `queue.pixels_per_image` random pixels of p̂+ / ĉ+ per image;
+  6. if the loss or the global gradient norm is not finite, keep the state of before the step
+     (only the step counter and the key advance, `nonfinite.py`).
 
-All randomness is drawn from the state's key for the *global* batch, and BN statistics are
-taken over fixed sample groups (`model.bn_group_size`), so the step computes the same numbers
-on any number of devices: sharding only decides where the work runs. On a CPU (`layout_blocks`)
-it computes the same bits: the target pads each device's samples (`resnet.pad_blocks`), and the
-online network and the losses run in fixed blocks of one BN group whose gradients are added in
-one fixed order (`losses_in_blocks`, `grad_blocks.py`). GPUs and TPUs run one value_and_grad
-over the batch, with XLA's all-reduce.
+All randomness is drawn from the state's key for the *global* batch, one key per purpose
+(`streams.py`), and BN statistics are taken over fixed sample groups (`model.bn_group_size`), so
+the step computes the same numbers on any number of devices up to float reduction order:
+sharding only decides where the work runs. It is one program on every platform: one
+value_and_grad over the batch, XLA's reductions and all-reduce; a platform may change a
+precision (`loss.precision`) or a compiler setting (`xla_cpu.py`), never the program.
 """
 from __future__ import annotations
 
@@ -27,11 +28,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cacl_jax.method import ema, fixed_order, losses, pixel_shuffle, pixpro, queue
+from cacl_jax.method import ema, losses, pixel_shuffle, pixpro, queue
 from cacl_jax.data import augment
-from cacl_jax.models.cacl import with_backbone, with_layout_blocks
-from cacl_jax.models.resnet import DTYPES, PADDINGS, moving_average
-from cacl_jax.training import grad_blocks, xla_cpu
+from cacl_jax.models.resnet import DTYPES, PADDINGS
+from cacl_jax.training import nonfinite, streams, xla_cpu
 # The state's constructors are the step's: callers (and the outside checks, which find
 # `jit_train_step` by name) build the step's state from this one module.
 from cacl_jax.training.state import HEADS, TrainState, create_state, init_state, state_shardings  # noqa: F401
@@ -116,8 +116,8 @@ def forward(model: nn.Module, params, batch_stats, x: jax.Array, rolls: jax.Arra
 
   Shuffle-BN normalises each sample with the statistics of its group in x[perm], but x itself
   is never permuted: on a mesh, x[perm] would gather the whole global image batch onto every
-  device, which would then run the network on all of it. Only per-sample statistics move
-  (`resnet.GroupBatchNorm`); the numbers are the same bits as permuting the samples.
+  device, which would then run the network on all of it. Only the groups' BN sums move
+  (`resnet.GroupBatchNorm`); the numbers are those of permuting the samples.
   """
   if rolls is not None:
     x = pixel_shuffle.roll_images(x, rolls)
@@ -134,16 +134,17 @@ def global_map(out: dict[str, jax.Array], config) -> jax.Array:
 
 
 def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues, config,
-                key: jax.Array | None = None, platform: str | None = None
+                keys: dict[str, jax.Array] | None = None, platform: str | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L = w_G·L_G + w_P·L_P + w_C·L_C (docs/method.md §3, the §9 readings and the seeds' alternatives
-  per config). A head with weight 0 is not computed. `key` draws MoCHi's mixing (if on);
+  per config). A head with weight 0 is not computed. `keys`: the step's streams
+  (`streams.step_keys`), of which MoCHi's mixing (if on) draws 'mochi_global' and 'mochi_pixel';
   `platform` resolves `loss.precision='auto'` (default: JAX's default backend)."""
   p, c = (_flat(out[k]) for k in "pc")
   p_pos, c_pos = (jax.lax.stop_gradient(_flat(out_pos[k])) for k in "pc")
   w, tau = config.loss.weights, config.loss.temperature
   tau_plus = config.loss.get("debiased_tau_plus", 0.0)
-  k_global, k_pixel = jax.random.split(key) if key is not None else (None, None)
+  k_global, k_pixel = (keys["mochi_global"], keys["mochi_pixel"]) if keys else (None, None)
   precision = losses.loss_precision(config.loss.get("precision", "auto"),
                                     platform or jax.default_backend())
   zero = jnp.zeros((), jnp.float32)
@@ -176,71 +177,20 @@ def cacl_losses(out: dict[str, jax.Array], out_pos: dict[str, jax.Array], queues
   return total, {f"loss_{h}": terms[h] for h in HEADS}
 
 
-def losses_in_blocks(model: nn.Module, params, batch_stats, v: jax.Array, rolls: jax.Array | None,
-                     out_pos: dict[str, jax.Array], queues, config, key: jax.Array, block: int,
-                     mesh: Mesh) -> tuple[jax.Array, dict[str, jax.Array], Any, Any, dict[str, jax.Array]]:
-  """The online pass and `cacl_losses` in gradient blocks of `block` consecutive samples
-  (`grad_blocks.py`): the numbers of one value_and_grad over the batch, summed in an order
-  that does not depend on the device count. `block` must hold whole BN groups.
-
-  v: float [B, H, W, 3]; rolls: int32 [B, 2] or None; out_pos: the target's maps [B, ...].
-  Returns (total, terms, updated BN statistics, parameter gradient): each the mean over the
-  blocks (`fixed_order.tree_mean`) of the block's own; and the queues' `key_maps` [B, ...],
-  computed in the blocks too (on the whole batch, a row's L2 norm is reduced by XLA:CPU in an
-  order that depends on how many rows a device holds). MoCHi (if on) draws from
-  fold_in(key, block index).
-  """
-  # The blocks' BN returns the block's own batch statistics (momentum 0: old·0 + new, exact)
-  # and the running statistics move once, towards their mean over the blocks. Inside the
-  # blocks, momentum·old + (1 − momentum)·new depends on how XLA fuses it: momentum·old is
-  # shared by all the blocks of a device, and where XLA fused it with the add (one FMA, one
-  # rounding) for one block but kept it apart for several, running variances came out 1 ulp apart.
-  blocks_model = with_backbone(model, layout_blocks=0, bn_momentum=0.0)
-  platform = mesh.devices.flat[0].platform
-
-  def block_loss(params, consts, inputs, index):
-    stats, queues, key = consts
-    with jax.named_scope("online"):
-      out, block_stats = forward(blocks_model, params, stats, inputs["v"], inputs.get("rolls"), None)
-    with jax.named_scope("losses"):
-      total, terms = cacl_losses(out, inputs["out_pos"], queues, config,
-                                 jax.random.fold_in(key, index), platform=platform)
-    return total, (terms, block_stats, key_maps(inputs["out_pos"], config))
-
-  inputs = {"v": v, "out_pos": out_pos, **({} if rolls is None else {"rolls": rolls})}
-  totals, (terms, block_stats, maps), grads = grad_blocks.blockwise_value_and_grad(
-      block_loss, params, (batch_stats, queues, key), inputs, block, mesh)
-  mean = lambda tree: jax.tree.map(fixed_order.tree_mean, tree)
-  stats = jax.tree.map(lambda old, new: moving_average(old, new, model.backbone.bn_momentum),
-                       batch_stats, mean(block_stats))
-  maps = jax.tree.map(lambda t: t.reshape(-1, *t.shape[2:]), maps)   # [blocks, block, ...] → [B, ...]
-  return fixed_order.tree_mean(totals), mean(terms), stats, mean(grads), maps
-
-
 def _pick_pixels(key: jax.Array, x: jax.Array, count: int) -> jax.Array:
   """count random pixels per image of x [B, N, D] → [B·count, D] (image-major order)."""
   idx = jax.random.randint(key, (x.shape[0], count), 0, x.shape[1])
   return jnp.take_along_axis(x, idx[..., None], axis=1).reshape(-1, x.shape[-1])
 
 
-def key_maps(out_pos: dict[str, jax.Array], config) -> dict[str, jax.Array]:
-  """What the queues take their keys from, per sample: k [B, D] (exactly the global loss's
-  key), p̂+ and ĉ+ [B, N, D]."""
+def new_keys(keys: dict[str, jax.Array], out_pos: dict[str, jax.Array], config) -> dict[str, jax.Array]:
+  """docs/method.md §4: Q_G ← k, exactly the global loss's key; Q_P, Q_C ← random pixels of p̂+ / ĉ+
+  (drawn from the streams 'enqueue_pixel' and 'enqueue_cycle', `streams.py`)."""
   p_pos, c_pos = (_flat(out_pos[k]).astype(jnp.float32) for k in "pc")
-  return {"global": losses.global_key(global_map(out_pos, config)),
-          "pixel": losses.l2n(p_pos), "cycle": losses.l2n(c_pos)}
-
-
-def new_keys(key: jax.Array, out_pos: dict[str, jax.Array], config,
-             maps: dict[str, jax.Array] | None = None) -> dict[str, jax.Array]:
-  """docs/method.md §4: Q_G ← k, exactly the global loss's key; Q_P, Q_C ← random pixels of p̂+ / ĉ+.
-  `maps`: `key_maps(out_pos, config)` if already computed."""
-  k_p, k_c = jax.random.split(key)
-  maps = key_maps(out_pos, config) if maps is None else maps
   ppi = config.queue.pixels_per_image
-  return {"global": maps["global"],
-          "pixel": _pick_pixels(k_p, maps["pixel"], ppi),
-          "cycle": _pick_pixels(k_c, maps["cycle"], ppi)}
+  return {"global": losses.global_key(global_map(out_pos, config)),
+          "pixel": _pick_pixels(keys["enqueue_pixel"], losses.l2n(p_pos), ppi),
+          "cycle": _pick_pixels(keys["enqueue_cycle"], losses.l2n(c_pos), ppi)}
 
 
 def pair_rolls(key: jax.Array, key_pos: jax.Array, batch: int, height: int, width: int, config
@@ -264,49 +214,40 @@ def gathered(tree, mesh: Mesh | None):
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule, config,
-               mesh: Mesh | None = None, grad_block: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+               mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """batch: {'v', 'v_pos'}: uint8 [B, S, S, 3] (host-cropped pairs). Pure; jit it.
-  `mesh`: the mesh the step is sharded over (`jit_train_step`), where the queues are gathered.
-  `grad_block` > 0 (needs `mesh`): the online network and the losses run in gradient blocks of
-  that many samples (`losses_in_blocks`, the CPU program); 0: one value_and_grad over the batch."""
+  `mesh`: the mesh the step is sharded over (`jit_train_step`), where the queues are gathered."""
   # The queues live sharded along K; every loss reads all of their rows, so each is gathered
   # once, here ([K, D]), not chunk by chunk inside the losses' loops, where XLA's partitioner
   # split the loops over device pairs and gathered the feature maps instead.
   queues_full = gathered(state.queues, mesh)
-  key = jax.random.wrap_key_data(state.rng)
-  key, k_aug, k_aug_pos, k_roll, k_roll_pos, k_perm, k_enq = jax.random.split(key, 7)
+  rng, keys = streams.step_keys(state.rng)
+  platform = mesh.devices.flat[0].platform if mesh is not None else None
   # Named scopes label every HLO op with its phase (benchmarks/profile_step.py reads them).
   with jax.named_scope("augment"):
-    v = augment.photometric(k_aug, batch["v"])
-    v_pos = augment.photometric(k_aug_pos, batch["v_pos"])
+    v = augment.photometric(keys["augment"], batch["v"])
+    v_pos = augment.photometric(keys["augment_pos"], batch["v_pos"])
   b, hgt, wid = v.shape[:3]
-  rolls, rolls_pos = pair_rolls(k_roll, k_roll_pos, b, hgt, wid, config)
+  rolls, rolls_pos = pair_rolls(keys["roll"], keys["roll_pos"], b, hgt, wid, config)
 
   # Target on v+: no gradient ever reaches θt (stop_gradient here and inside the losses).
-  perm = jax.random.permutation(k_perm, b) if config.model.get("bn_mode", "group") == "group" else None
+  perm = (jax.random.permutation(keys["shuffle_bn"], b)
+          if config.model.get("bn_mode", "group") == "group" else None)
   with jax.named_scope("target"):
     out_pos, target_stats = forward(model, state.target_params, state.target_batch_stats,
                                     v_pos, rolls_pos, perm)
     out_pos = jax.lax.stop_gradient(out_pos)
 
-  # MoCHi's draws: a key of its own, folded from k_enq so that the other streams (and every
-  # run without MoCHi) stay as they were.
-  k_mochi = jax.random.fold_in(k_enq, 1)
-  maps = None
-  if grad_block:   # the same named scopes ("online", "losses") inside each block
-    total, terms, stats, grads, maps = losses_in_blocks(model, state.params, state.batch_stats, v,
-                                                        rolls, out_pos, queues_full, config, k_mochi,
-                                                        grad_block, mesh)
-  else:
-    def loss_fn(params):
-      with jax.named_scope("online"):
-        out, stats = forward(model, params, state.batch_stats, v, rolls, None)
-      with jax.named_scope("losses"):
-        total, terms = cacl_losses(out, out_pos, queues_full, config, k_mochi,
-                                   platform=mesh.devices.flat[0].platform if mesh is not None else None)
-      return total, (terms, stats)
+  def loss_fn(params):
+    with jax.named_scope("online"):
+      out, stats = forward(model, params, state.batch_stats, v, rolls, None)
+    with jax.named_scope("losses"):
+      total, terms = cacl_losses(out, out_pos, queues_full, config, keys, platform=platform)
+    injected = tuple(config.get("debug", {}).get("nonfinite_steps", ()))   # fault injection
+    total = nonfinite.inject(total, state.step, injected)
+    return total, (terms, stats)
 
-    (total, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (total, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   with jax.named_scope("optimizer"):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -317,8 +258,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
   with jax.named_scope("queues"):
     queues, ptrs = dict(queues_full), dict(state.queue_ptrs)
-    for head, keys in new_keys(k_enq, out_pos, config, maps).items():
-      queues[head], ptrs[head] = queue.enqueue(queues[head], ptrs[head], keys)
+    for head, rows in new_keys(keys, out_pos, config).items():
+      queues[head], ptrs[head] = queue.enqueue(queues[head], ptrs[head], rows)
 
   # Only what costs nothing is measured here; the diagnostics that need extra matmuls
   # (cycle-back rate, matches, cosines) run on logging steps in `diagnostics.py`.
@@ -326,29 +267,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                             target_params=target_params, target_batch_stats=target_stats,
                             opt_state=opt_state, queues=queues, queue_ptrs=ptrs,
-                            rng=jax.random.key_data(key))
+                            rng=rng)
+  # A non-finite loss or gradient changes no state; the step and the data advance (nonfinite.py).
+  new_state = nonfinite.keep_if_finite(state, new_state, total, grads)
+  metrics.update(nonfinite.step_metrics(state, new_state))
   return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
 
 
 # ---------------------------------------------------------------- sharding & jit
 
-
-
-
-
-def jit_train_step(model, tx, schedule, config, mesh: Mesh, shardings: TrainState,
-                   blocks: int | None = None) -> Callable:
+def jit_train_step(model, tx, schedule, config, mesh: Mesh, shardings: TrainState) -> Callable:
   """jit(train_step) over the mesh: batch split on 'data', state donated, metrics replicated.
-  `blocks` overrides `layout_blocks(mesh)` (0: compile as a GPU or TPU does: unpadded, one
-  value_and_grad over the batch)."""
+  The same program on every platform; `xla_cpu.compiler_options` may pick a CPU convolution
+  library for full-width backbones (same arithmetic)."""
   batch_sharding = NamedSharding(mesh, P(DATA))
-  blocks = xla_cpu.layout_blocks(mesh) if blocks is None else blocks
-  # The CPU program's online network runs in gradient blocks of one BN group (the whole batch
-  # under SyncBN): a block must hold whole groups, and the smallest is the cheapest to fix.
-  grad_block = (model.backbone.bn_group_size or config.batch_size) if blocks else 0
-  model = with_layout_blocks(model, blocks)
-  step = lambda s, b: train_step(s, b, model=model, tx=tx, schedule=schedule, config=config, mesh=mesh,
-                                 grad_block=grad_block)
+  step = lambda s, b: train_step(s, b, model=model, tx=tx, schedule=schedule, config=config, mesh=mesh)
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0,
                  compiler_options=xla_cpu.compiler_options(config, mesh))

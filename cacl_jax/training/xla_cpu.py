@@ -1,9 +1,6 @@
-"""XLA:CPU-only compiler settings of the train step (GPUs and TPUs ignore all of this).
-
-* `compiler_options`: Eigen's convolutions for full-width backbones on a CPU.
-* `layout_blocks`: the per-device zero sample that keeps the CPU's numbers independent of the
-  device count.
-"""
+"""XLA:CPU-only compiler settings of the train step (GPUs and TPUs ignore all of this): Eigen's
+convolutions for full-width backbones on a CPU. A setting, not another program: the step's
+structure is the same on every platform."""
 from __future__ import annotations
 
 import functools
@@ -44,12 +41,3 @@ def compiler_options(config, mesh: Mesh) -> dict[str, str] | None:
     return None
   (option, value), = _EIGEN_CONVOLUTIONS.items()
   return dict(_EIGEN_CONVOLUTIONS) if _compiler_accepts(option, value) else None
-
-
-def layout_blocks(mesh: Mesh) -> int:
-  """How many `resnet.pad_blocks` blocks the train step's target network pads the batch
-  into: one per device on a CPU, where XLA's convolution kernels round a device's last output
-  pixels differently (their remainder path) and so would make the numbers depend on the device
-  count; 0 (no padding) on GPUs and TPUs. Non-zero also selects the CPU program's gradient
-  blocks for the online network (`step.jit_train_step`, `grad_blocks.py`)."""
-  return mesh.devices.size if mesh.devices.flat[0].platform == "cpu" else 0
