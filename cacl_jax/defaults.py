@@ -20,6 +20,20 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.viz_every_steps = 5_000     # paper-Fig.-3 affinity PNG in WORKDIR/figures (0 = never)
   c.eval_after = ml_collections.ConfigDict()  # filled by configs that chain an evaluation (demo)
 
+  # Long runs (docs/reliability.md "Long runs"); none of these changes what a step computes.
+  c.allow_fresh_start = False   # True: start at step 0 although checkpoints exist and none restores
+  c.max_consecutive_skips = 10  # non-finite steps in a row (each skipped, nonfinite.py) that stop the run
+  c.watchdog_seconds = 1800     # no step for this long (after the first): stacks to stderr, exit 3
+  c.compilation_cache_dir = "~/.cache/cacl_jax/xla"  # XLA's persistent cache (gs:// too); '' = off;
+                                # JAX_COMPILATION_CACHE_DIR in the environment wins
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 0      # > 0: a jax.profiler trace of steps S … S+N-1 in WORKDIR/profile
+  c.profile.num_steps = 3       # N
+  c.profile.all_processes = False  # False: process 0 alone traces
+  c.debug = ml_collections.ConfigDict()   # fault injection, for tests and outside checks
+  c.debug.nonfinite_steps = ()  # (K, ...): those steps' loss (and so gradient) is NaN, 1-based
+  c.debug.hang_at_step = 0      # K > 0: the loop sleeps forever before step K (the watchdog's test)
+
   c.data = ml_collections.ConfigDict()
   c.data.name = "kinetics"      # 'synthetic' | 'kinetics' | 'imagenet'
   c.data.root = ""              # prepared data dir (python -m cacl_jax.prepare_data ...)
@@ -123,7 +137,7 @@ def eval_config() -> ml_collections.ConfigDict:
   c.cluster.num_restarts = 5                 # k-means++ restarts; the best by total similarity wins
 
   # protocol='retrieval' (evaluation/retrieval.py): Hummingbird, Balazevic et al. 2023, with the
-  # settings of vpariza/open-hummingbird-eval (README "3. Evaluation" gives each source).
+  # settings of vpariza/open-hummingbird-eval (docs/evaluation.md, "Dense retrieval protocol (Hummingbird)").
   c.retrieval = ml_collections.ConfigDict()
   c.retrieval.memory_size = 10_240_000       # bank cells, 1024·10⁴ (the paper's); 0 = all labelled
   c.retrieval.num_neighbours = 30            # k nearest keys per val cell
@@ -131,6 +145,10 @@ def eval_config() -> ml_collections.ConfigDict:
   c.retrieval.augmentation_epochs = 1        # augmented passes over the train split into the memory
   c.retrieval.image_size = 0                 # memory crop side; 0 = data.eval_pad_size's short side
   c.retrieval.block_size = 4096              # query / bank rows per similarity tile (speed, memory)
+  c.retrieval.keys_dtype = "float32"         # bank keys: 'float32' | 'bfloat16' (half the bank;
+                                             # scores stay float32)
+  c.retrieval.max_bank_gib = 0.0             # bank + search budget per device; 0 = the devices'
+                                             # reported memory (CPU: host memory / devices)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ""                           # 'synthetic' | 'voc' | 'cityscapes'

@@ -42,7 +42,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Imported after flag parsing, so that --help and flag mistakes answer at once.
-  from cacl_jax.runtime import parallel, paths  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import checkpoint, parallel, paths  # pylint: disable=g-import-not-at-top
   from cacl_jax.training import train
   from cacl_jax.evaluation import probe  # pylint: disable=g-import-not-at-top
   # SIGTERM outside the probe's training loop (start-up, restore, the evaluation): stop at once,
@@ -55,7 +55,7 @@ def main(argv):
   except parallel.Preempted as e:
     print(f"{e}; rerun the same command to continue", flush=True)
     return
-  except train.UsageError as e:   # another run holds the workdir
+  except (train.UsageError, checkpoint.RestoreError) as e:   # a busy workdir; no checkpoint restores
     sys.exit(f"linear_eval: error: {e}")
   except (ValueError, FileNotFoundError) as e:
     # Configuration / input mistakes: one clear line, no traceback.
@@ -73,5 +73,10 @@ def _preempted(signum, frame):
   raise parallel.Preempted("SIGTERM outside the probe's training loop: stopped, nothing lost")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script's entry (pyproject.toml): the same as `python -m cacl_jax.linear_eval`."""
   app.run(main, flags_parser=cli.parse_flags("linear_eval"))
+
+
+if __name__ == "__main__":
+  run()

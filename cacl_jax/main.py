@@ -15,7 +15,10 @@ A config that chains an evaluation (`eval_after`, as configs/demo.py does) runs 
 Exit codes: 0 when the run finished or was preempted (SIGTERM: the step reached is saved, and a
 chained evaluation, whose probes keep their own checkpoints, is resumed by the rerun that
 finishes the run); 1 with one `error:` line for
-bad input, a busy or changed workdir, divergence, a dead data worker or a file-system error.
+bad input, a busy or changed workdir, divergence (10 non-finite steps in a row), a dead data
+worker, a file-system error, checkpoints of which none restores (no silent start over) or
+storage that does not answer; 3 from the watchdog (no step for `watchdog_seconds`: every
+thread's stack on stderr).
 """
 import signal
 import sys
@@ -41,7 +44,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   # Imported after flag parsing so that `--help` and flag errors are instant.
-  from cacl_jax.runtime import parallel, runlock  # pylint: disable=g-import-not-at-top
+  from cacl_jax.runtime import checkpoint, parallel, runlock  # pylint: disable=g-import-not-at-top
   from cacl_jax.training import train
   from cacl_jax.evaluation import demo  # pylint: disable=g-import-not-at-top
 
@@ -60,7 +63,7 @@ def main(argv):
   except (train.Preempted, parallel.Preempted) as e:   # pretraining, or the chained probes
     print(f"{e}; rerun the same command to continue", flush=True)
   except (train.UsageError, train.TrainingDiverged, train.DataWorkerDied, runlock.WorkdirBusy,
-          OSError) as e:
+          checkpoint.RestoreError, OSError) as e:
     sys.exit(f"cacl_jax.main: error: {_one_line(e)}")
 
 
@@ -75,5 +78,10 @@ def _one_line(error: BaseException) -> str:
   return " ".join(str(error).split("\n")).strip() or type(error).__name__
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script's entry (pyproject.toml): the same as `python -m cacl_jax.main`."""
   app.run(main, flags_parser=cli.parse_flags("cacl_jax.main"))
+
+
+if __name__ == "__main__":
+  run()

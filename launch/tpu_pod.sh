@@ -27,7 +27,10 @@
 # SIGTERM: the trainer (and linear_eval) saves the step reached to WORKDIR and exits 0. `resume`
 # deletes the queued resource if it is not ACTIVE (SUSPENDED, FAILED), creates it again, waits,
 # mounts the data disk, runs `setup` and starts the same command, which resumes from WORKDIR's
-# newest checkpoint (an ACTIVE slice is only started again).
+# newest checkpoint (an ACTIVE slice is only started again). `train` points XLA's persistent
+# compilation cache at WORKDIR's folder (`DIR/xla_cache` for WORKDIR `DIR/RUN`) unless the
+# arguments set `--config.compilation_cache_dir`: a recreated slice reads its compiled step
+# back instead of compiling it again.
 #
 # WORKDIR must be storage that every worker sees: a gs:// bucket path (Orbax reads and writes
 # gs:// directly; every worker writes its shard of each checkpoint, and a resumed or re-sharded
@@ -200,9 +203,16 @@ start_module() {  # $1 module; then CONFIG WORKDIR [flags]: nohup on every worke
   elif [[ ${DIST:-auto} != auto ]]; then
     die "DIST must be auto or explicit, got '${DIST}'"
   fi
+  local extra=()
+  if [[ $module == cacl_jax.main && " $* " != *" --config.compilation_cache_dir="* ]]; then
+    # XLA's persistent cache beside the workdir (shared by the runs in its folder): a Spot
+    # slice is recreated with fresh disks, and a resume then reads its programs back instead
+    # of compiling them again (cacl_jax/runtime/compile_cache.py).
+    extra=(--config.compilation_cache_dir="${workdir%/*}/xla_cache")
+  fi
   local cmd
   cmd="${dist}mkdir -p ${remote_logs} && cd ${remote_repo} || exit 1; "
-  cmd+="PYTHONPATH=. nohup ${remote_venv}/bin/python -m ${module} $(quote_args --config "$config" --workdir "$workdir" "$@")"
+  cmd+="PYTHONPATH=. nohup ${remote_venv}/bin/python -m ${module} $(quote_args --config "$config" --workdir "$workdir" "$@" "${extra[@]}")"
   [[ -z $dist ]] || cmd+=' $dist_args'
   # Appended, not truncated: a resumed run's log follows the preempted one's.
   cmd+=" < /dev/null >> ${remote_logs}/${run_name}.log 2>&1 & echo \$! > ${remote_logs}/current.pid; "

@@ -156,9 +156,10 @@ def test_sigterm_to_the_process_groups_stops_both_at_the_same_step(two_processes
     assert "leaked shared_memory" not in out, out[-3000:]   # the resource tracker's warning
   assert "mesh: 4 devices over 2 processes" in preempted["out"][0][1]
   assert preempted["committed"][-1] == reached
-  # No iterator state: the step is the data position, whatever the process count.
+  # No iterator state: the step is the data position, whatever the process count (`timing`
+  # holds the goodput's count).
   assert sorted(os.listdir(os.path.join(two_processes["workdir"], "checkpoints", str(reached)))) == [
-      "_CHECKPOINT_METADATA", "commit_success.txt", "config", "state"]
+      "_CHECKPOINT_METADATA", "commit_success.txt", "config", "state", "timing"]
 
 
 def test_every_segment_matches_one_process_with_four_devices(two_processes):

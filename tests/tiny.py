@@ -212,8 +212,14 @@ def committed_steps(workdir) -> list[int]:
   return sorted(int(d) for d in os.listdir(path) if d.isdigit())
 
 
+# What a record says about time and memory, which differ between two runs of the same steps.
+TIMING_KEYS = frozenset({"steps_per_sec", "compile_s", "data_wait_s", "step_s", "checkpoint_s",
+                         "log_s", "goodput", "host_rss_gib", "host_peak_rss_gib",
+                         "device_memory_gib", "device_peak_memory_gib"})
+
+
 def without_timing(records: list[dict]) -> list[dict]:
-  return [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in records]
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
 def restore_state(workdir, step: int, mesh):

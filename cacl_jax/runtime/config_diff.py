@@ -31,6 +31,9 @@ MAY_CHANGE = (
     "data.root",           # the same prepared data, moved or mounted elsewhere
     "data.num_workers", "data.prefetch",   # the stream does not depend on them (pipeline.py)
     "model.init_from",     # read only when a run starts from step 0
+    # How a long run is watched, cached, profiled and fault-injected (docs/reliability.md)
+    "allow_fresh_start", "max_consecutive_skips", "watchdog_seconds", "compilation_cache_dir",
+    "profile", "debug",
 )
 _ABSENT = object()
 

@@ -1,18 +1,27 @@
 """Pretraining: the one thin stateful loop around the pure train step.
 
 Reads top to bottom in sections: validate → mesh → input → model and state → restore →
-loop (step, log, figure, checkpoint, SIGTERM) → finish. Everything numeric lives in
+loop (step, log, figure, checkpoint, SIGTERM) → finish. The loop keeps the devices one step
+ahead of the host: batches are placed two steps ahead (`prefetch.py`), and a step's `skipped`
+flag is read after the next step is dispatched; a watchdog (`watchdog.py`) ends a run in which
+no step completes. Everything numeric lives in
 `step.py`, `losses.py`, `queue.py`, `ema.py`; this file only moves data and writes files.
 
 WORKDIR is a local path or a URL (`paths.py`: file://, gs://). Files in it:
-  checkpoints/S/      Orbax (state + config); the newest N are kept
-  checkpoints_damaged/S/  a checkpoint that did not restore, moved aside (never deleted)
+  checkpoints/S/      Orbax (state + config + timing); the newest N are kept
+  checkpoints_damaged/S/  a damaged checkpoint, moved aside (never deleted; `checkpoint.py`)
   run.lock            the live run writing here (`runlock.py`)
-  metrics.jsonl       one JSON object per logged step (`metrics_log.py`): step, loss, loss_global,
-                      loss_pixel, loss_cycle, lr, steps_per_sec, batch_hash (which data the step
-                      saw, `pipeline.batch_hash`), state_hash (which bits the state holds after
-                      it, `fingerprint.py`), skipped_pairs, and the diagnostics of
-                      `diagnostics.py` (match_true_acc, match_label_acc, cos_within_*, ...)
+  metrics.jsonl       one JSON object per logged step (`metrics_log.py`; on gs:// the parts in
+                      metrics.jsonl.parts/): step, loss, loss_global, loss_pixel, loss_cycle, lr,
+                      skipped (this step's update was not applied: `nonfinite.py`), skipped_steps
+                      (cumulative), loss_step (only when the losses are an earlier step's: every
+                      step of the window was skipped), steps_per_sec, data_wait_s, step_s,
+                      checkpoint_s, log_s, goodput, memory (`timing.py`), compile_s (the first
+                      record of every start), batch_hash (which data the step saw,
+                      `pipeline.batch_hash`), state_hash (which bits the state holds after it,
+                      `fingerprint.py`), skipped_pairs, and the diagnostics of `diagnostics.py`
+                      (match_true_acc, match_label_acc, cos_within_*, ...)
+  profile/            a jax.profiler trace of `profile.num_steps` steps from `profile.start_step`
   events.out.tfevents.*  TensorBoard scalars (tensorboardX, no TensorFlow)
   figures/affinity_S.png  the paper's Fig. 3 for the current networks
   figures/diagnostics.png the diagnostics' curves over the run (redrawn at the end)
@@ -20,10 +29,12 @@ WORKDIR is a local path or a URL (`paths.py`: file://, gs://). Files in it:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import signal
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +44,9 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from cacl_jax.runtime import checkpoint, config_diff, fingerprint, metrics_log, parallel, paths, runlock, viz
-from cacl_jax.training import diagnostics, optim, state as state_lib, step as step_lib
+from cacl_jax.runtime import (checkpoint, compile_cache, config_diff, fingerprint, metrics_log, parallel,
+                              paths, runlock, timing, viz, watchdog)
+from cacl_jax.training import diagnostics, logbook, optim, prefetch, state as state_lib, step as step_lib
 from cacl_jax.data import augment, pipeline
 from cacl_jax.models.cacl import model_from_config
 
@@ -72,51 +84,6 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
     raise FileNotFoundError(f"data.root={config.data.root!r} is not a directory: prepare the data with "
                             f"`python -m cacl_jax.prepare_data {config.data.name} --src RAW --out DATA` "
                             "and pass --config.data.root=DATA")
-
-
-# ---------------------------------------------------------------- logging
-
-class Logger:
-  """metrics.jsonl + TensorBoard + console (process 0 only)."""
-
-  def __init__(self, workdir: epath.Path, total_steps: int):
-    self.active = jax.process_index() == 0
-    self.total = total_steps
-    self.workdir = workdir
-    self.writer = None
-    if self.active:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.writer = SummaryWriter(os.fspath(workdir))
-
-  def log(self, step: int, metrics: dict[str, float], rate: float, batch_hash: int,
-          state_hash: int) -> None:
-    if not self.active:
-      return
-    record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "steps_per_sec": rate}
-    metrics_log.append(self.workdir, {**record, "batch_hash": batch_hash, "state_hash": state_hash})
-    for k, v in record.items():
-      if k != "step":
-        self.writer.add_scalar(f"train/{k}", v, step)
-    self.writer.flush()
-    eta = (self.total - step) / rate if rate > 0 else float("inf")
-    heads = " ".join(f"{h[0].upper()}={record['loss_' + h]:.3f}" for h in step_lib.HEADS)
-    within = "/".join(f"{record.get('cos_within_' + k, float('nan')):.2f}" for k in diagnostics.MAPS)
-    match = (f" match true {record['match_true_acc']:.2f} label {record['match_label_acc']:.2f}"
-             if "match_true_acc" in record else "")
-    print(f"[{step:>7d}/{self.total}] loss {record['loss']:.4f} ({heads}) "
-          f"cos-within h/u/p/c {within}{match} return {record.get('cycle_return', float('nan')):.2f} "
-          f"lr {record['lr']:.4g} | {rate:.2f} steps/s, ETA {_duration(eta)}", flush=True)
-
-  def close(self):
-    if self.writer is not None:
-      self.writer.close()
-
-
-def _duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ---------------------------------------------------------------- figures
@@ -196,16 +163,20 @@ def workdir_lock(workdir: epath.Path):
     yield
 
 
-def next_batch(data_iter, step: int, last_checkpoint: str) -> dict:
-  """The host batch of `step`; a dead grain worker becomes DataWorkerDied (one line)."""
-  try:
-    return next(data_iter)
-  except RuntimeError as e:
-    if "terminated unexpectedly" not in str(e):
-      raise
-    raise DataWorkerDied(f"a grain data worker process died while preparing step {step} "
-                         f"({str(e).split('. ')[0]}); rerun the same command to resume "
-                         f"({last_checkpoint})") from None
+def host_batches(data_iter, start: int, last_checkpoint: Callable[[], str]):
+  """(step, ids {'video', 'frames'}, host batch) for steps start + 1, start + 2, …; a dead grain
+  worker becomes DataWorkerDied (one line naming the step and `last_checkpoint()`)."""
+  for step in itertools.count(start + 1):
+    try:
+      host_batch = next(data_iter)
+    except RuntimeError as e:
+      if "terminated unexpectedly" not in str(e):
+        raise
+      raise DataWorkerDied(f"a grain data worker process died while preparing step {step} "
+                           f"({str(e).split('. ')[0]}); rerun the same command to resume "
+                           f"({last_checkpoint()})") from None
+    ids = {k: host_batch.pop(k) for k in ("video", "frames")}
+    yield step, ids, host_batch
 
 
 def global_batch_hash(ids: dict[str, np.ndarray]) -> int:
@@ -237,8 +208,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Pretrains (or resumes) in `workdir`; returns the last logged metrics.
 
   Raises UsageError (bad config or data, a busy workdir, a changed config on resume),
+  checkpoint.RestoreError (checkpoints exist and none restores; storage that does not answer),
   TrainingDiverged, DataWorkerDied, or Preempted (after saving the step SIGTERM reached).
   """
+  # Before anything compiles: JAX reads the cache setting once.
+  compile_cache.configure(config.get("compilation_cache_dir", ""))
   # ---- mesh and checks: any config error surfaces here, before work.
   mesh = parallel.make_mesh()
   try:
@@ -254,38 +228,92 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return _run(config, workdir, mesh, source)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, source) -> dict[str, float]:
-  logging.info("mesh: %d devices over %d processes", mesh.devices.size, jax.process_count())
-  note = optim.warmup_note(config)
-  if note and jax.process_index() == 0:
-    print(note, flush=True)
-
-  # ---- model, optimiser; restore the newest checkpoint that restores, or create the state
-  # already sharded. The saved config is compared first: a changed one stops here.
-  model = model_from_config(config.model)
-  tx, schedule = optim.make_optimizer(config)
+def _restore_or_create(config, workdir, mesh, model, tx):
+  """(checkpoint manager, start step or None, state, shardings, clock): the newest checkpoint
+  that restores (`checkpoint.restore_newest`: damage moved aside, transient errors retried,
+  never a silent start over), or a fresh state already sharded. The saved config is compared
+  first: a changed one stops here."""
   abstract = jax.eval_shape(lambda: step_lib.init_state(model, tx, config, config.seed))
   shardings = step_lib.state_shardings(abstract, mesh)
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  start, state = checkpoint.restore_newest(mngr, workdir, checkpoint.abstract_like(abstract, shardings),
-                                           _check_resume(config))
+  try:
+    start, state = checkpoint.restore_newest(
+        mngr, workdir, checkpoint.abstract_like(abstract, shardings), _check_resume(config),
+        allow_fresh_start=config.get("allow_fresh_start", False))
+  except BaseException:
+    mngr.close()
+    raise
   if start is not None:
     print(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{start}", flush=True)
+    saved = checkpoint.read_timing(workdir, start) or {}
+    clock = timing.Clock(saved.get("first_start"), saved.get("productive_s", 0.0))
   else:
     state, shardings = step_lib.create_state(model, tx, config, mesh, config.seed)
     if config.model.get("init_from"):
       state = _init_backbone_from(state, config.model.init_from, shardings)
-  saved_step, start = start, int(start or 0)
+    clock = timing.Clock()
+  return mngr, start, state, shardings, clock
+
+
+def compile_step(train_step, state, batch) -> tuple[Callable, float]:
+  """The step compiled for these arguments ahead of time, and the seconds that took (tracing,
+  lowering, compiling or reading the persistent cache): `compile_s`."""
+  t = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile() if hasattr(train_step, "lower") else train_step
+  return compiled, time.perf_counter() - t
+
+
+class Skips:
+  """Counts skipped steps in a row from each step's `skipped` flag, read one step late (so the
+  devices stay a step ahead); `max_in_a_row` of them stop the run with TrainingDiverged."""
+
+  def __init__(self, max_in_a_row: int, last_good: Callable[[], str]):
+    self.max, self.last_good = int(max_in_a_row), last_good
+    self.in_a_row, self.first = 0, None
+
+  def read(self, step: int, metrics) -> bool:
+    """Whether `step` was skipped (waits for it); raises after too many in a row."""
+    skipped = bool(float(metrics.get("skipped", 0.0)))
+    if not skipped:
+      self.in_a_row, self.first = 0, None
+      return False
+    self.in_a_row += 1
+    self.first = self.first or step
+    if self.max > 0 and self.in_a_row >= self.max:
+      raise TrainingDiverged(
+          f"{self.in_a_row} steps in a row ({self.first}-{step}) had a non-finite loss or "
+          f"gradient and were skipped (max_consecutive_skips={self.max}); the run stops with "
+          f"its state unchanged since step {self.first - 1}: {self.last_good()}")
+    return True
+
+
+def _run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, source) -> dict[str, float]:
+  note = optim.warmup_note(config)
+  if note and jax.process_index() == 0:
+    print(note, flush=True)
+
+  # ---- model, optimiser; the state restored or created (nothing is written before this).
+  model = model_from_config(config.model)
+  tx, schedule = optim.make_optimizer(config)
+  mngr, saved_step, state, shardings, clock = _restore_or_create(config, workdir, mesh, model, tx)
+  start = int(saved_step or 0)
+  logging.info("mesh: %d devices over %d processes", mesh.devices.size, jax.process_count())
   train_step = step_lib.jit_train_step(model, tx, schedule, config, mesh, shardings)
   if jax.process_index() == 0:
     metrics_log.repair(workdir, start)   # each step once: drop what this run logs again
+  progress = {"saved": saved_step}
+  last_checkpoint = lambda: last_good(workdir, progress["saved"])
 
-  # ---- input: this process' rows of the global batches from step start + 1 on.
+  # ---- input: this process' rows of the global batches from step start + 1 on, placed on
+  # the devices two steps ahead of the one running.
   skips = pipeline.SkipReport()  # undecodable videos: replaced, counted, named, never fatal
   data_iter = iter(pipeline.make_pretrain_dataset(
       config.data, global_batch_size=config.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed, start_step=start, source=source,
       skip_report=skips))
+  batches = prefetch.to_devices(
+      itertools.islice(host_batches(data_iter, start, last_checkpoint), max(config.total_steps - start, 0)),
+      lambda item: (*item, parallel.host_to_global(mesh, item[2])))
 
   # ---- SIGTERM (preemption): finish the step in flight, save it, exit cleanly. Several
   # processes must all stop at the same step (the step and the save are collectives), and a
@@ -296,64 +324,114 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, source) -
   if not multihost:
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
 
-  logger = Logger(workdir, config.total_steps)
+  logger = logbook.Logger(workdir, config.total_steps)
   probe = make_affinity_probe(model, mesh) if config.viz_every_steps else None
+  profile = timing.Profile(config.get("profile", {}), workdir)
+  skipped = Skips(config.get("max_consecutive_skips", 10), last_checkpoint)
+  hang_at = int(config.get("debug", {}).get("hang_at_step", 0))
   diagnose, diag_pairs = None, None   # built at the first logging step (real data: its batch)
-  last, preempted_at = {}, None
-  window_start, window_steps = time.perf_counter(), 0
+  last, preempted_at, compile_s, carried, first_record = {}, None, None, None, True
+  window, pending = [], None   # this log window's (step, metrics); the step not yet read
+  window_start = time.perf_counter()
+  dog, armed = watchdog.Watchdog(config.get("watchdog_seconds", 0)), False
+
+  def beat(label: str) -> None:
+    """Progress for the watchdog, armed once the first step and its periodic actions (the
+    first compiles of the diagnostics, the first checkpoint) are done."""
+    if armed:
+      dog.beat(label)
+
+  def settle() -> None:
+    """Reads the pending step's `skipped` flag (waiting for it): counts it, beats the dog."""
+    nonlocal pending
+    if pending is not None:
+      step, metrics, seconds = pending
+      pending = None
+      if not skipped.read(step, metrics):
+        clock.productive(seconds)
+      beat(f"step {step}")
+
   try:
-    for step in range(start + 1, config.total_steps + 1):
-      host_batch = next_batch(data_iter, step, last_good(workdir, saved_step))
-      ids = {k: host_batch.pop(k) for k in ("video", "frames")}
-      batch = parallel.host_to_global(mesh, host_batch)
-      state, metrics = train_step(state, batch)
-      window_steps += 1
-      if multihost:
-        stop["flag"] = multihost_utils.reached_preemption_sync_point(step)
+    with dog:
+      for step in range(start + 1, config.total_steps + 1):
+        if step == hang_at:
+          watchdog.hang()
+        with clock.phase("data_wait"):
+          _, ids, host_batch, batch = next(batches)
+        if compile_s is None:
+          train_step, compile_s = compile_step(train_step, state, batch)
+          window_start = time.perf_counter()
+        profile.before(step)
+        with clock.phase("step"):
+          with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = train_step(state, batch)
+          beat(f"dispatching step {step}")
+          settle()   # the step before this one: the devices stay one step ahead
+        pending = (step, metrics, clock.last_phase_s)
+        window.append((step, metrics))
+        profile.after(step, metrics)
+        if multihost:
+          stop["flag"] = multihost_utils.reached_preemption_sync_point(step)
 
-      if step % config.log_every_steps == 0 or step == config.total_steps:
-        last = {k: float(v) for k, v in parallel.to_host(metrics).items()}
-        last["skipped_pairs"] = float(skips.count)
-        if diagnose is None:
-          diagnose = diagnostics.make_probe(model, config, parallel.replicated(mesh))
-          diag_pairs = parallel.host_to_global(mesh, diagnostics.local_pair_set(
-              config, host_batch, mesh.devices.size, jax.process_index(), jax.process_count()))
-        last.update(diagnostics.as_floats(diagnose(state, diag_pairs)))
-        bad = sorted(k for k, v in last.items() if not math.isfinite(v))
-        if bad:
-          raise TrainingDiverged(f"non-finite metrics at step {step} ({', '.join(bad)}); the run "
-                                 f"stops: {last_good(workdir, saved_step)}")
-        rate = window_steps / (time.perf_counter() - window_start)
-        logger.log(step, last, rate, global_batch_hash(ids), fingerprint.fingerprint(state))
-        window_start, window_steps = time.perf_counter(), 0
+        final = step == config.total_steps
+        if step % config.log_every_steps == 0 or final:
+          with clock.phase("log"):   # its seconds are this record's log_s
+            last, carried = logbook.logged_losses(window, carried)
+            last["skipped_pairs"] = float(skips.count)
+            if diagnose is None:
+              diagnose = diagnostics.make_probe(model, config, parallel.replicated(mesh))
+              diag_pairs = parallel.host_to_global(mesh, diagnostics.local_pair_set(
+                  config, host_batch, mesh.devices.size, jax.process_index(), jax.process_count()))
+            last.update(diagnostics.as_floats(diagnose(state, diag_pairs)))
+            bad = sorted(k for k, v in last.items() if not math.isfinite(v))
+            if bad:
+              raise TrainingDiverged(f"non-finite metrics at step {step} ({', '.join(bad)}); the "
+                                     f"run stops: {last_checkpoint()}")
+            hashes = global_batch_hash(ids), fingerprint.fingerprint(state)
+          rate = len(window) / (time.perf_counter() - window_start)
+          window_start, window = time.perf_counter(), []
+          last.update(timing.memory())
+          if first_record:   # every start's first record: what this start compiled
+            last["compile_s"], first_record = round(compile_s, 3), False
+          last.update(clock.window(), goodput=round(clock.goodput(), 4))
+          with clock.phase("log"):   # writing it: the next record's log_s
+            logger.log(step, last, rate, *hashes)
+          beat(f"logging step {step}")
 
-      if probe is not None and step % config.viz_every_steps == 0:
-        save_affinity_figure(probe, state, batch, workdir, step)
+        if probe is not None and step % config.viz_every_steps == 0:
+          with clock.phase("log"):
+            save_affinity_figure(probe, state, batch, workdir, step)
 
-      final = step == config.total_steps
-      if step % config.checkpoint_every_steps == 0 or final or stop["flag"]:
-        loss = float(parallel.to_host(metrics)["loss"])
-        try:
-          if not math.isfinite(loss):
-            raise checkpoint.NonFiniteState(f"the loss of step {step} is {loss}")
-          checkpoint.save(mngr, step, state, config, force=True)
-        except checkpoint.NonFiniteState as e:
-          raise TrainingDiverged(f"{e}: not saved, the run stops; "
-                                 f"{last_good(workdir, saved_step)}") from None
-        saved_step = step
-      if stop["flag"]:
-        print(f"SIGTERM: saved step {step}, exiting", flush=True)
-        preempted_at = step
-        break
+        if step % config.checkpoint_every_steps == 0 or final or stop["flag"]:
+          with clock.phase("checkpoint"):
+            settle()
+            logger.flush()   # the log holds every step the checkpoint holds
+            try:
+              checkpoint.save(mngr, step, state, config, force=True, timing=clock.commit())
+            except checkpoint.NonFiniteState as e:
+              raise TrainingDiverged(f"{e}: not saved, the run stops; {last_checkpoint()}") from None
+            progress["saved"] = step
+          beat(f"checkpoint {step}")
+        armed = True
+        beat(f"step {step} and its periodic actions")
+        if stop["flag"]:
+          print(f"SIGTERM: saved step {step}, exiting", flush=True)
+          preempted_at = step
+          break
+      settle()
   finally:
+    profile.close()
     mngr.wait_until_finished()
     mngr.close()
     if hasattr(data_iter, "close"):
       data_iter.close()   # stops grain's worker processes (also after one of them died)
+    logger.close()
     save_diagnostics_figure(workdir)
     if skips.count:
       print(f"data: {skips.summary()}", flush=True)
-    logger.close()
+    if compile_s is not None and jax.process_index() == 0:
+      print(f"goodput {clock.goodput():.1%} (productive step time / wall time since the run "
+            f"first started; compile {compile_s:.1f} s this start)", flush=True)
     if not multihost:
       signal.signal(signal.SIGTERM, previous_handler)
   if preempted_at is not None:
