@@ -9,13 +9,13 @@
 # (`eval_after`) — with what the 2-core CPU cannot afford, as --config overrides: a full-width
 # ResNet-18 (not ⅛), pretrained on 128 px crops (not 64) for STEPS = 5,000 steps (not 500),
 # computing in bfloat16 on the accelerator (model.dtype=auto). The host renders the frames
-# (~165 pairs/s per core, README "Speed and memory"), so pretraining and the chained evaluation
+# (~165 pairs/s per core, docs/performance.md "Throughput"), so pretraining and the chained evaluation
 # (whose ceiling renders 9,600 images × 4 epochs) read through 12 grain workers: a loader
 # setting, the probe's data and schedule stay the frozen ones. Evidence at a larger scale on
 # the same world, not a claim about the paper's datasets.
 #
 # Planned for one H200 within 9 minutes; nothing here has been measured on a GPU yet. The plan,
-# per run: pretraining ≈ 26 GFLOP per pair at 128 px (README "Speed and memory": 81 at 224 px,
+# per run: pretraining ≈ 26 GFLOP per pair at 128 px (docs/performance.md "Throughput": 81 at 224 px,
 # scaled by the area) × 32 pairs × 5,000 steps = 4.2 PFLOP, ~40 s at 10 % of the bf16 peak; 12
 # rendering workers ≈ 2,000 pairs/s ≈ 60 steps/s, so ~80 s; the chained evaluation (probe,
 # cluster, retrieval; the 1,200-step ceiling once per seed) and start-up ≈ 1 min with the

@@ -10,7 +10,8 @@ import sys
 from cacl_jax.interop import convert
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script's entry (pyproject.toml): the same as `python -m cacl_jax.convert`."""
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.ERROR)   # Orbax's per-save info lines
   try:
@@ -18,3 +19,7 @@ if __name__ == "__main__":
   except convert.ConvertError as e:
     print(f"convert: error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

@@ -9,7 +9,8 @@ import sys
 from cacl_jax.data import prepare
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script's entry (pyproject.toml): the same as `python -m cacl_jax.prepare_data`."""
   # TFDS warns through absl that the (not yet written) output has no dataset_info.json.
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.ERROR)
@@ -24,3 +25,7 @@ if __name__ == "__main__":
     print(f"prepare_data: error: {e}; the work done so far is kept in --out/.cache: fix this "
           "and rerun the same command to resume", file=sys.stderr)
     sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

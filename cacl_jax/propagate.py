@@ -37,5 +37,10 @@ def main(argv):
         f"{results['num_skipped']} skipped)")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script's entry (pyproject.toml): the same as `python -m cacl_jax.propagate`."""
   app.run(main, flags_parser=cli.parse_flags("propagate"))
+
+
+if __name__ == "__main__":
+  run()

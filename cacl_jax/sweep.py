@@ -11,5 +11,10 @@ from cacl_jax.evaluation import sweep
 from cacl_jax.runtime import cli
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script's entry (pyproject.toml): the same as `python -m cacl_jax.sweep`."""
   app.run(sweep.main, flags_parser=cli.parse_flags("sweep"))
+
+
+if __name__ == "__main__":
+  run()

@@ -11,7 +11,7 @@ from PIL import Image
 from cacl_jax.data import prepare as prepare_data
 from cacl_jax.data import decode
 from cacl_jax.data import real
-from tests import test_prepare_data as videos
+import test_prepare_data as videos
 
 # docs/evaluation.md, written out independently of the code under test.
 SPEC_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,

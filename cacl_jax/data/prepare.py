@@ -2,7 +2,7 @@ r"""Turns raw datasets into TFDS ArrayRecord datasets that training reads with g
 
   python -m cacl_jax.prepare_data {kinetics|imagenet|voc|cityscapes|davis} --src RAW --out DATA
 
-Raw layouts are those of docs/usage.md §4 (see each builder in `cacl_jax.data.builders`). The work
+Raw layouts are those of docs/usage.md §1 (see each builder in `cacl_jax.data.builders`). The work
 runs in `--workers` processes (default: all cores) with a progress bar, and is resumable:
 each decoded video / image chunk is cached under DATA/.cache, so a killed run restarts
 where it stopped, and a finished dataset is not rebuilt. Broken inputs are skipped, counted
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m cacl_jax.prepare_data",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("dataset", choices=DATASETS)
-  parser.add_argument("--src", required=True, help="raw dataset root (layouts: docs/usage.md §4)")
+  parser.add_argument("--src", required=True, help="raw dataset root (layouts: docs/usage.md §1)")
   parser.add_argument("--out", required=True, help="prepared data dir (DATA; = data.root)")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                       help="decoding processes (0: in this process)")
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   if not os.path.isdir(args.src):
     raise FileNotFoundError(f"--src {args.src} is not a directory (the raw {args.dataset} root, "
-                            "laid out as in docs/usage.md §4)")
+                            "laid out as in docs/usage.md §1)")
   os.makedirs(args.out, exist_ok=True)
   builder = make_builder(args)
   if builder.is_prepared():

@@ -101,6 +101,7 @@ def _evaluate(config, eval_config, out: str, mesh) -> dict:
   """Each backbone in turn under the linear, cluster and retrieval protocols (each protocol
   logs one line; its per-class table goes to per_class.txt beside its results.json)."""
   name = pretrained_name(config)
+  retrieval.check_run_memory(with_protocol(eval_config, "retrieval"), config.model, mesh)
   _heading(f"{name}: linear, cluster and retrieval protocols")
   pretrained = probe.evaluate_checkpoint(eval_config, os.path.join(out, "pretrained"), mesh)
   for protocol in ("cluster", "retrieval"):

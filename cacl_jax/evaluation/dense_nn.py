@@ -12,10 +12,14 @@ values:
                                                                           `cross_attention`)
 
 The search is exact: blocked matmuls (a [query block × bank block] tile of similarities at a
-time), a running top-k carried over the bank's blocks; over a mesh the bank is sharded along its
+time), a running top-k carried over the bank's blocks, each block sliced from the bank where it
+lies (a bank at paper scale fills a device: it is allocated with `padded_rows` rows and never
+padded, reshaped into a copy or sliced off whole). Over a mesh the bank is sharded along its
 rows, each device searches its own rows for every query, and the candidates are merged by an
 all-to-all that brings each query's n·k candidates to the device that holds the query.
-Ties (equal similarities) go to the lower bank row, as `lax.top_k` orders them.
+Ties (equal similarities) go to the lower bank row, as `lax.top_k` orders them. `bank_bytes` and
+`search_bytes` give what a device holds, so a run can refuse a bank that would not fit before
+computing anything.
 """
 from __future__ import annotations
 
@@ -72,46 +76,88 @@ def keep_cells(scores: jax.Array, n: int) -> jax.Array:
   return jax.lax.top_k(-scores, n)[1]
 
 
-def _pad_rows(x: jax.Array, multiple: int, value=0) -> jax.Array:
+def search_block(rows: int, block: int) -> int:
+  """The bank rows per similarity tile for a bank of `rows` rows: `block`, or all the rows when
+  they are fewer (one tile)."""
+  return min(block, rows)
+
+
+def padded_rows(rows: int, block: int) -> int:
+  """The rows to allocate for `rows` bank rows so that the search tiles them without a copy:
+  `rows` itself up to one block, else the next multiple of `block` (the extra rows invalid)."""
+  return rows if rows <= block else -(-rows // block) * block
+
+
+def bank_bytes(rows: int, channels: int, num_classes: int, key_bytes: int = 4) -> int:
+  """Bytes of a bank of `rows` rows: keys [rows, C] (`key_bytes` each), values float32
+  [rows, L], valid bool [rows]."""
+  return rows * (channels * key_bytes + num_classes * 4 + 1)
+
+
+def search_bytes(queries: int, channels: int, num_classes: int, k: int, block: int,
+                 bank_block: int) -> int:
+  """A device's working set beside its bank while it searches `queries` query rows (every device
+  searches all of them): the queries float32 [Q, C]; three [Q, k] candidate lists with their
+  values (its own top-k, the all-to-all's, the merge's); one [block × bank block] similarity
+  tile and its mask; the running and the new top-k of a query block. An upper estimate: XLA
+  may reuse some of these buffers."""
+  block_q = min(block, queries)
+  candidates = queries * k * (num_classes + 1) * 4
+  return (queries * channels * 4 + 3 * candidates + 2 * block_q * bank_block * 4
+          + 2 * block_q * 2 * k * (num_classes + 1) * 4)
+
+
+def _pad_queries(x: jax.Array, multiple: int) -> jax.Array:
   pad = -x.shape[0] % multiple
-  return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value) if pad else x
+  return jnp.pad(x, [(0, pad), (0, 0)]) if pad else x
 
 
 def topk_search(queries: jax.Array, keys: jax.Array, values: jax.Array, valid: jax.Array,
                 k: int, block: int) -> tuple[jax.Array, jax.Array]:
-  """Exact top-k by inner product, in [block × block] tiles.
+  """Exact top-k by inner product, in [block × bank block] tiles.
 
-  queries [Q, C], keys [R, C] (unit rows), values [R, L], valid bool [R] (invalid keys are never
-  returned while k valid ones exist). Returns (similarities float32 [Q, k], descending; their
-  values [Q, k, L]). Memory: O(block² + Q·k·L), whatever Q and R.
+  queries [Q, C] float32, keys [R, C] (unit rows; float32, or bfloat16 to halve the bank: each
+  tile is widened to float32, so the scores are float32 products of the rounded keys), values
+  [R, L], valid bool [R] (invalid keys are never returned while k valid ones exist; with fewer,
+  the list ends in -inf similarities, which weigh nothing in `transfer_labels`). R must be a
+  multiple of `search_block(R, block)` (`padded_rows` allocates such a bank): the bank is
+  tiled in place, never padded or copied, since at paper scale it fills a device. Returns
+  (similarities float32 [Q, k], descending; their values [Q, k, L]). Memory beside the bank:
+  O(block² + Q·k·L) (`search_bytes`).
   """
-  q_count = queries.shape[0]
-  # A bank block holds at least k rows, so that its own top-k exists (padding rows are invalid).
-  block_q, block_r = min(block, q_count), max(min(block, keys.shape[0]), k)
-  queries = _pad_rows(jnp.asarray(queries, jnp.float32), block_q)
-  keys = _pad_rows(jnp.asarray(keys, jnp.float32), block_r).reshape(-1, block_r, keys.shape[-1])
-  values = _pad_rows(jnp.asarray(values, jnp.float32), block_r).reshape(-1, block_r,
-                                                                       values.shape[-1])
-  valid = _pad_rows(jnp.asarray(valid), block_r, False).reshape(-1, block_r)
+  q_count, rows = queries.shape[0], keys.shape[0]
+  block_q, block_r = min(block, q_count), search_block(rows, block)
+  if rows % block_r:
+    raise ValueError(f"a bank of {rows} rows does not tile in blocks of {block_r}: allocate "
+                     f"dense_nn.padded_rows({rows}, {block}) rows, the extra ones invalid")
+  num_blocks = rows // block_r
+  queries = _pad_queries(jnp.asarray(queries, jnp.float32), block_q)
+  width = min(k, block_r)   # a block smaller than k (a small shard) offers all its rows
 
-  def block_top(q, key_blk, value_blk, valid_blk):
+  def block_top(q, i):
+    key_blk = jax.lax.dynamic_slice_in_dim(keys, i * block_r, block_r).astype(jnp.float32)
+    value_blk = jax.lax.dynamic_slice_in_dim(values, i * block_r, block_r)
+    valid_blk = jax.lax.dynamic_slice_in_dim(valid, i * block_r, block_r)
     # HIGHEST: these similarities are ranked; TF32 / bf16 passes would reorder near-ties.
     s = jnp.dot(q, key_blk.T, precision=jax.lax.Precision.HIGHEST)
-    top, pos = jax.lax.top_k(jnp.where(valid_blk[None, :], s, -jnp.inf), k)
-    return top, value_blk[pos]                                                # [bq, k], [bq, k, L]
+    top, pos = jax.lax.top_k(jnp.where(valid_blk[None, :], s, -jnp.inf), width)
+    vals = value_blk[pos].astype(jnp.float32)                                # [bq, width, L]
+    if width < k:
+      top = jnp.pad(top, [(0, 0), (0, k - width)], constant_values=-jnp.inf)
+      vals = jnp.pad(vals, [(0, 0), (0, k - width), (0, 0)])
+    return top, vals
 
   def one_query_block(q):
-    def one_key_block(carry, blk):
-      top, vals = block_top(q, *blk)
+    def one_key_block(i, carry):
+      top, vals = block_top(q, i)
       # The carried best come first, so that ties keep the earlier (lower) bank row.
       return merge_candidates(jnp.concatenate([carry[0], top], axis=1),
-                              jnp.concatenate([carry[1], vals], axis=1), k), None
+                              jnp.concatenate([carry[1], vals], axis=1), k)
 
     # The first block starts the running top-k (its values carry the inputs' sharding type,
-    # which a constant initial carry would not inside shard_map).
-    first = block_top(q, keys[0], values[0], valid[0])
-    (s, v), _ = jax.lax.scan(one_key_block, first, (keys[1:], values[1:], valid[1:]))
-    return s, v
+    # which a constant initial carry would not inside shard_map); the others are sliced from
+    # the bank in place.
+    return jax.lax.fori_loop(1, num_blocks, one_key_block, block_top(q, 0))
 
   s, v = jax.lax.map(one_query_block, queries.reshape(-1, block_q, queries.shape[-1]))
   return s.reshape(-1, k)[:q_count], v.reshape(-1, k, v.shape[-1])[:q_count]
@@ -129,18 +175,17 @@ def sharded_search(mesh, axis: str, queries: jax.Array, keys: jax.Array, values:
   """`topk_search` with the bank sharded along its rows over `mesh`'s `axis`.
 
   queries [Q, C] (Q a multiple of the axis size; any sharding: every device searches all of
-  them); keys [R, ..., C] / values [R, ..., L] / valid [R, ...] sharded along R, a device's rows
-  being all the cells of its shard (e.g. [crops, slots, cells] of a memory bank). Returns the
-  same as `topk_search` — (sims [Q, k], values [Q, k, L]) — sharded along Q over `axis`: device d's k
-  best rows for every query are sent by an all-to-all to the device that owns the query's rows,
-  which keeps the best k of the n·k it receives (devices in order, so ties keep the lower row).
+  them); keys [R, C] / values [R, L] / valid [R] sharded along R, each device's R / n rows a
+  multiple of `search_block` (as `padded_rows` allocates them; the memory bank's rows). Returns
+  the same as `topk_search` — (sims [Q, k], values [Q, k, L]) — sharded along Q over `axis`:
+  device d's k best rows for every query are sent by an all-to-all to the device that owns the
+  query's rows, which keeps the best k of the n·k it receives (devices in order, so ties keep
+  the lower row). A device with fewer than k valid rows sends -inf for the rest.
   """
   n = mesh.shape[axis]
 
   def local(q, key_shard, value_shard, valid_shard):
-    rows = lambda x, tail: x.reshape(-1, *tail)
-    s, v = topk_search(q, rows(key_shard, key_shard.shape[-1:]),
-                       rows(value_shard, value_shard.shape[-1:]), rows(valid_shard, ()), k, block)
+    s, v = topk_search(q, key_shard, value_shard, valid_shard, k, block)
     # Split Q into n chunks, chunk j to device j; received: [Q/n, n·k] in device order.
     s = jax.lax.all_to_all(s, axis, 0, 1, tiled=True)
     v = jax.lax.all_to_all(v, axis, 0, 1, tiled=True)

@@ -5,7 +5,7 @@ crops (the Hummingbird evaluation of Balazevic et al., NeurIPS 2023). No head is
         --config.pretrained=RUN --config.protocol=retrieval [--config.retrieval.memory_size=M]
 
 Settings follow the open re-implementation vpariza/open-hummingbird-eval (`hbird/hbird_eval.py`,
-`hbird/utils/transforms.py`, `eval.py`; README "3. Evaluation" lists them with sources):
+`hbird/utils/transforms.py`, `eval.py`; docs/evaluation.md, "Dense retrieval protocol (Hummingbird)" gives the sources):
 
 1. Memory: every train image, `retrieval.augmentation_epochs` times (reference default 1), as a
    crop: ColorJitter brightness / contrast / saturation / hue 0.1, each applied with p = 0.5,
@@ -25,6 +25,13 @@ Settings follow the open re-implementation vpariza/open-hummingbird-eval (`hbird
    reference's Hungarian re-matching of predicted to true classes is not applied: labels are
    transferred, not discovered).
 
+Memory: the bank is allocated once, sharded over the mesh and already padded to the search block
+(`make_steps`), so neither memorising nor searching copies it. Its bytes per device (keys
+[rows, C] in `retrieval.keys_dtype`, values float32 [rows, L], valid, and the search's working
+set) are checked before any feature is computed against `retrieval.max_bank_gib` or the devices'
+reported memory (`check_memory`); a bank that does not fit stops the run with one line naming
+its size, the budget and the largest `retrieval.memory_size` that fits.
+
 Deterministic: the crops and the cell sampling depend on (seed, epoch, image index) only, not on
 the number of devices or processes; nothing is trained, so there is nothing to checkpoint.
 """
@@ -41,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageEnhance
 
 from cacl_jax.runtime import parallel
@@ -161,25 +169,151 @@ def cells_per_crop(config: ml_collections.ConfigDict, num_train: int) -> int:
 # ----------------------------------------------------------------------------- steps
 
 
-def make_steps(backbone: resnet.ResNet, mesh, num_classes: int, per_crop: int, k: int,
-               temperature: float, block: int):
+KEY_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Where the devices report their memory, the bank and its search may take this share of it; the
+# rest is left to the parameters and the backbone's activations on a val batch.
+DEVICE_SHARE = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class BankLayout:
+  """The memory bank of one run, per device (module `make_steps`).
+
+  slots: memory batches (augmentation epochs × batches per epoch); crops: crops of a memory
+  batch per device; per_crop: cells kept per crop; rows: slots × crops × per_crop, the rows that
+  memorise fills; padded: the rows allocated (`dense_nn.padded_rows`: a multiple of the search
+  block, the extra rows invalid); bank / search: bytes of the bank and of its search's working
+  set (`dense_nn.bank_bytes`, `dense_nn.search_bytes`).
+  """
+  slots: int
+  crops: int
+  per_crop: int
+  rows: int
+  padded: int
+  bank: int
+  search: int
+
+  @property
+  def bytes(self) -> int:
+    return self.bank + self.search
+
+
+def bank_layout(config: ml_collections.ConfigDict, num_devices: int, num_train: int,
+                channels: int, num_classes: int, per_crop: int | None = None) -> BankLayout:
+  """The bank's rows and bytes per device for this config on `num_devices` devices (pure
+  arithmetic: nothing is allocated). `per_crop` overrides `cells_per_crop` (to find what fits)."""
+  rc = config.retrieval
+  per_crop = cells_per_crop(config, num_train) if per_crop is None else per_crop
+  pc = jax.process_count()
+  slots = int(rc.augmentation_epochs) * segdata.num_val_steps(
+      num_train, config.batch_size // pc, pc)
+  crops = config.batch_size // num_devices
+  rows = slots * crops * per_crop
+  block = int(rc.block_size)
+  padded = dense_nn.padded_rows(rows, block)
+  key_bytes = jnp.dtype(keys_dtype(config)).itemsize
+  height, width = segdata.eval_pad_size(config.data)
+  queries = config.eval_batch_size * (height // dense_nn.PATCH) * (width // dense_nn.PATCH)
+  return BankLayout(slots, crops, per_crop, rows, padded,
+                    dense_nn.bank_bytes(padded, channels, num_classes, key_bytes),
+                    dense_nn.search_bytes(queries, channels, num_classes,
+                                          int(rc.num_neighbours), block,
+                                          dense_nn.search_block(padded, block)))
+
+
+def keys_dtype(config: ml_collections.ConfigDict):
+  """The bank keys' dtype, `retrieval.keys_dtype`: float32, or bfloat16 (half the bank)."""
+  name = config.retrieval.get("keys_dtype", "float32")
+  if name not in KEY_DTYPES:
+    raise ValueError(f"retrieval.keys_dtype must be 'float32' or 'bfloat16', got {name!r}")
+  return KEY_DTYPES[name]
+
+
+def memory_budget(config: ml_collections.ConfigDict, mesh) -> tuple[int, str]:
+  """Bytes per device that the bank and its search may take, and where the figure comes from.
+
+  The smaller of `retrieval.max_bank_gib` (when > 0) and what the devices report
+  (`memory_stats()`: DEVICE_SHARE × bytes_limit, the least over this process' devices; the limit,
+  not what is free now, so that every process of a run reaches the same verdict). Where no device
+  reports (XLA:CPU) and no budget is set: the host's physical memory shared by its devices.
+  """
+  budgets = []
+  gib = float(config.retrieval.get("max_bank_gib", 0.0))
+  if gib > 0:
+    budgets.append((int(gib * 2**30), "retrieval.max_bank_gib"))
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  stats = [d.memory_stats() for d in local]
+  if all(s and "bytes_limit" in s for s in stats):
+    limit = min(s["bytes_limit"] for s in stats)
+    budgets.append((int(DEVICE_SHARE * limit), f"{DEVICE_SHARE:.0%} of the device's memory"))
+  elif not budgets:
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    budgets.append((host // len(local), f"host memory / {len(local)} devices"))
+  return min(budgets)
+
+
+def check_memory(config: ml_collections.ConfigDict, mesh, num_train: int, channels: int,
+                 num_classes: int) -> BankLayout:
+  """The bank's layout on `mesh`, or one ValueError line naming its size, the budget
+  (`memory_budget`) and the largest `retrieval.memory_size` that fits on this mesh."""
+  layout = bank_layout(config, mesh.devices.size, num_train, channels, num_classes)
+  budget, source = memory_budget(config, mesh)
+  if layout.bytes <= budget:
+    return layout
+  fits = lambda p: bank_layout(config, mesh.devices.size, num_train, channels, num_classes,
+                               p).bytes <= budget
+  low, high = 0, layout.per_crop        # the most cells per crop that fit (bytes grow with it)
+  while low < high:
+    mid = (low + high + 1) // 2
+    low, high = (mid, high) if fits(mid) else (low, mid - 1)
+  epochs = int(config.retrieval.augmentation_epochs)
+  largest = (f"the largest retrieval.memory_size that fits is {(low + 1) * num_train * epochs - 1:,}"
+             f" ({low} cells per crop)" if low else
+             "no retrieval.memory_size fits (not even one cell per crop)")
+  gib = lambda b: f"{b / 2**30:.3g} GiB"
+  raise ValueError(
+      f"retrieval memory too large: {gib(layout.bytes)} per device ({layout.padded:,} rows of "
+      f"{channels} {jnp.dtype(keys_dtype(config)).name} keys + {num_classes} values: "
+      f"{gib(layout.bank)}, search {gib(layout.search)}) over the budget of {gib(budget)} "
+      f"({source}) on {mesh.devices.size} devices; {largest}")
+
+
+def check_run_memory(config: ml_collections.ConfigDict, model_config: ml_collections.ConfigDict,
+                     mesh) -> BankLayout:
+  """`check_memory` for a retrieval run of `config` with a backbone of `model_config`: what a
+  chained evaluation (the demo's) calls before its first protocol computes any feature."""
+  train_source = segdata.segmentation_source(config.data, "train")
+  return check_memory(config, mesh, len(train_source),
+                      resnet.backbone_from_config(model_config).num_features,
+                      len(segdata.segmentation_source(config.data, "val").class_names))
+
+
+def make_steps(embed, mesh, num_classes: int, per_crop: int, k: int, temperature: float,
+               block: int):
   """Jitted (memorise, evaluate) over `mesh`; batches and the bank sharded on 'data'.
 
-  The bank is (keys [B, S, n, C], values [B, S, n, L], valid [B, S, n]): memory batch s's crop b,
-  its n kept cells; sharded along B, so each device keeps the cells of the crops it embedded.
-  memorise(variables, bank, step, key, batch) -> bank with slot `step` written (bank donated);
-    the cells of image i are sampled with the key fold_in(key, i)
+  embed(variables, images uint8 [B, H, W, 3]) -> float32 [B, H/8, W/8, C], the features (the
+  frozen backbone's, `backbone_features`; a test passes an oracle).
+  The bank is (keys [n·R, C], values float32 [n·R, L], valid bool [n·R]) over n devices
+  (`empty_bank`): device d's R rows hold the cells of the crops it embedded, in the order
+  (slot, crop, cell) — slot s is memory batch s — then the padding rows, invalid, that make R a
+  multiple of the search block: the search tiles the bank where it lies, without a copy.
+  memorise(variables, bank, step, key, batch) -> bank with slot `step` written in place (bank
+    donated); the cells of image i are sampled with the key fold_in(key, i)
   evaluate(variables, bank, batch) -> (int32 [L, L] summed over the mesh, uint8 [B, H, W]
     predictions): one program for both, the predictions being read for the figure only
   """
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
 
-  def features(variables, images):
-    h = backbone.apply(variables, augment.normalize(images), False)
-    return dense_nn.l2n(h.astype(jnp.float32))
+  def write(keys, values, valid, f, v, ok, step):
+    # Per device: its crops' kept cells into its slot `step`, rows (crop, cell).
+    f = f.reshape(-1, f.shape[-1]).astype(keys.dtype)
+    start = step * f.shape[0]
+    put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, 0)
+    return put(keys, f), put(values, v.reshape(-1, v.shape[-1])), put(valid, ok.reshape(-1))
 
   def memorise(variables, bank, step, key, batch):
-    f = features(variables, batch["image"])
+    f = embed(variables, batch["image"])
     b, h, w, c = f.shape
     f = f.reshape(b, h * w, c)
     values, valid = dense_nn.patch_labels(batch["label"], num_classes)
@@ -193,12 +327,12 @@ def make_steps(backbone: resnet.ResNet, mesh, num_classes: int, per_crop: int, k
       f = jnp.take_along_axis(f, keep[..., None], axis=1)
       values = jnp.take_along_axis(values, keep[..., None], axis=1)
       valid = jnp.take_along_axis(valid, keep, axis=1)
-    keys_, values_, valid_ = bank
-    return (keys_.at[:, step].set(f), values_.at[:, step].set(values),
-            valid_.at[:, step].set(valid))
+    spec = P(parallel.DATA)
+    return jax.shard_map(write, mesh=mesh, in_specs=(spec,) * 6 + (P(),),
+                         out_specs=(spec,) * 3)(*bank, f, values, valid, step)
 
   def class_scores(variables, bank, images):
-    f = features(variables, images)
+    f = embed(variables, images)
     b, h, w, c = f.shape
     sims, values = dense_nn.sharded_search(mesh, parallel.DATA, f.reshape(b * h * w, c), *bank,
                                            k=k, block=block)
@@ -216,13 +350,21 @@ def make_steps(backbone: resnet.ResNet, mesh, num_classes: int, per_crop: int, k
           jax.jit(evaluate, in_shardings=(repl, bank_shardings, data), out_shardings=(repl, data)))
 
 
-def empty_bank(mesh, batch_size: int, num_steps: int, per_crop: int, channels: int,
-               num_classes: int):
-  """Zero bank arrays (module `make_steps`), created sharded along 'data'."""
-  shapes = ((batch_size, num_steps, per_crop, channels, jnp.float32),
-            (batch_size, num_steps, per_crop, num_classes, jnp.float32),
-            (batch_size, num_steps, per_crop, jnp.bool_))
-  make = jax.jit(lambda: tuple(jnp.zeros(s[:-1], s[-1]) for s in shapes),
+def backbone_features(backbone: resnet.ResNet):
+  """`make_steps`' embed: the frozen backbone's OS8 cells, L2-normalised (float32)."""
+  def embed(variables, images):
+    h = backbone.apply(variables, augment.normalize(images), False)
+    return dense_nn.l2n(h.astype(jnp.float32))
+  return embed
+
+
+def empty_bank(mesh, rows: int, channels: int, num_classes: int, dtype=jnp.float32):
+  """The bank (module `make_steps`) with `rows` rows per device (`BankLayout.padded`), all
+  invalid, created sharded along 'data' (no device ever holds more than its own rows)."""
+  n = mesh.devices.size
+  shapes = (((n * rows, channels), dtype), ((n * rows, num_classes), jnp.float32),
+            ((n * rows,), jnp.bool_))
+  make = jax.jit(lambda: tuple(jnp.zeros(shape, t) for shape, t in shapes),
                  out_shardings=(parallel.data_sharding(mesh),) * 3)
   return make()
 
@@ -259,17 +401,18 @@ def retrieval_probe(config: ml_collections.ConfigDict, backbone_params: Any,
   size, per_crop = crop_size(config), cells_per_crop(config, len(train_source))
   epochs, k = int(rc.augmentation_epochs), int(rc.num_neighbours)
   backbone = resnet.backbone_from_config(model_config)
+  # Before any feature: a bank that cannot fit stops here, with the memory_size that would.
+  layout = check_memory(config, mesh, len(train_source), backbone.num_features, len(class_names))
   variables = jax.device_put({"params": backbone_params, "batch_stats": backbone_batch_stats},
                              parallel.replicated(mesh))
-  memorise, evaluate = make_steps(
-      backbone, mesh, len(class_names), per_crop, k, float(rc.temperature), int(rc.block_size))
+  memorise, evaluate = make_steps(backbone_features(backbone), mesh, len(class_names), per_crop,
+                                  k, float(rc.temperature), int(rc.block_size))
 
   # The memory: one slot per (epoch, batch) of this run's global memory batches.
   pi, pc = jax.process_index(), jax.process_count()
   per_process = config.batch_size // pc
-  steps_per_epoch = segdata.num_val_steps(len(train_source), per_process, pc)
-  bank = empty_bank(mesh, config.batch_size, epochs * steps_per_epoch, per_crop,
-                    backbone.num_features, len(class_names))
+  bank = empty_bank(mesh, layout.padded, backbone.num_features, len(class_names),
+                    keys_dtype(config))
   step = 0
   for epoch in range(epochs):
     key = jax.random.fold_in(jax.random.key(config.seed), epoch)
@@ -277,13 +420,15 @@ def retrieval_probe(config: ml_collections.ConfigDict, backbone_params: Any,
                                 int(config.data.get("num_workers", 0)), pi, pc):
       bank = memorise(variables, bank, jnp.int32(step), key, parallel.host_to_global(mesh, batch))
       step += 1
+  assert step == layout.slots, (step, layout.slots)
   memory = int(jnp.sum(bank[2]))
   if memory < k:
     raise ValueError(f"the memory holds {memory} labelled cells, fewer than num_neighbours={k}")
   if pi == 0:
     logging.info("retrieval: a memory of %d cells (%d per %d px crop, %d train images × %d "
-                 "epochs), %d neighbours, τ = %g", memory, per_crop, size, len(train_source),
-                 epochs, k, rc.temperature)
+                 "epochs; %.3g GiB per device with its search), %d neighbours, τ = %g", memory,
+                 per_crop, size, len(train_source), epochs, layout.bytes / 2**30, k,
+                 rc.temperature)
 
   cm = np.zeros((len(class_names),) * 2, np.int64)
   first = None
@@ -297,6 +442,7 @@ def retrieval_probe(config: ml_collections.ConfigDict, backbone_params: Any,
   results.update({
       "num_images": len(val_source), "mode": "retrieval", "memory_size": memory,
       "cells_per_crop": per_crop, "num_train_images": len(train_source), "num_neighbours": k,
+      "keys_dtype": jnp.dtype(keys_dtype(config)).name, "bank_bytes_per_device": layout.bytes,
       "temperature": float(rc.temperature), "augmentation_epochs": epochs, "image_size": size,
       "class_names": class_names, "confusion_matrix": cm.tolist(), "figures": {},
       "seconds": round(time.time() - start, 1)})

@@ -1,6 +1,6 @@
 """ImageNet as one-frame videos, for `same_frame` pretraining (docs/method.md §1, `data.name = 'imagenet'`).
 
-Raw layout (docs/usage.md §4): `SRC/train/<wnid>/*.JPEG` (and `SRC/val/<wnid>/*.JPEG` if present in
+Raw layout (docs/usage.md §1): `SRC/train/<wnid>/*.JPEG` (and `SRC/val/<wnid>/*.JPEG` if present in
 the same layout). Each image is fully decoded once at ingestion (broken files are skipped
 and named) and stored as its original bytes: no re-encoding loss, ~110 kB per image.
 Records use the frame layout of `kinetics.FrameBuilder` with one frame per "video", so

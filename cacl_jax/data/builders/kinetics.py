@@ -1,6 +1,6 @@
 """Kinetics-400 as frame records: every frame of the first 10 s, JPEG, short side 256.
 
-Raw layouts (docs/usage.md §4), per split in {train, val}:
+Raw layouts (docs/usage.md §1), per split in {train, val}:
   * class folders: `SRC/<split>/<label>/*.mp4`;
   * flat CVDF: `SRC/<split>/*.mp4` named `<youtube_id>_<start:06d>_<end:06d>.mp4`, with
     labels from `SRC/annotations/<split>.csv` (columns label, youtube_id, time_start,
