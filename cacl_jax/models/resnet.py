@@ -112,19 +112,26 @@ class GroupBatchNorm(nn.Module):
     n = g * (x.size // (b * c))                                        # values per group and channel
     members = (None if perm is None else
                jax.nn.one_hot(group_of(g, perm), b // g, dtype=jnp.float32))  # [B, G]
-    sums = lambda t: group_sums(t, g, members)                                    # [G, C]
-    spread = lambda stat: per_sample(stat, g, members, x.ndim)                    # [B, 1.., C]
-    mean = sums(x32) / n
-    var = sums(jnp.square(x32 - spread(mean))) / n
+
+    x32 = x.astype(jnp.float32)
+    mean = group_sums(x32, g, members) / n                                         # [G, C]
+    # The variance's centred values in the groups' layout ([G or B, positions, C]) and the
+    # output's in x's: two expressions, so that XLA fuses each into its consumer instead of
+    # keeping one centred copy of x for the gradient (~0.2 GiB per device for ResNet-18 at
+    # 224 px and 8 images, `benchmarks/scaling.py`'s peak). Not y = x·a + (b − μ·a): the
+    # gradient of that form cancels (2.6e-4 apart across device counts after one step).
+    if members is None:                                  # [G, group · positions, C]
+      var = jnp.square(x32.reshape(b // g, -1, c) - mean[:, None]).sum(axis=1) / n
+    else:                                                # [B, positions, C], then group sums
+      centred = x32.reshape(b, -1, c) - per_sample(mean, g, members, 3)
+      var = group_sums(jnp.square(centred), g, members) / n
     if not self.is_initializing():
       unbiased = var.mean(axis=0) * n / max(n - 1, 1)
       ra_mean.value = moving_average(ra_mean.value, mean.mean(axis=0), self.momentum)
       ra_var.value = moving_average(ra_var.value, unbiased, self.momentum)
-    # y = x·a + b with a = scale/σ and b = bias − μ·a, per group (PyTorch's kernel does the
-    # same): the gradient keeps x, not also a centred copy of it (that cost ResNet-18 at 224 px
-    # and 8 images ~0.2 GiB per device, benchmarks/scaling.py's peak).
-    factor = jax.lax.rsqrt(var + self.epsilon) * scale                              # [G, C]
-    return (x32 * spread(factor) + spread(bias - mean * factor)).astype(self.dtype)
+    spread = lambda stat: per_sample(stat, g, members, x.ndim)                      # [B, 1.., C]
+    y = (x32 - spread(mean)) * spread(jax.lax.rsqrt(var + self.epsilon))
+    return (y * scale + bias).astype(self.dtype)
 
 
 PADDINGS = ("zeros", "circular")
