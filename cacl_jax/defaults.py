@@ -18,6 +18,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.log_every_steps = 50
   c.viz_every_steps = 5_000     # paper-Fig.-3 affinity PNG in WORKDIR/figures (0 = never)
+  c.log_grad_cosines = True     # logging steps: cosines between the heads' backbone gradients
+                                # (grad_cosines.py; one extra backward per loss, there only)
   c.eval_after = ml_collections.ConfigDict()  # filled by configs that chain an evaluation (demo)
 
   # Long runs (docs/reliability.md "Long runs"); none of these changes what a step computes.

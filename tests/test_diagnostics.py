@@ -1,5 +1,6 @@
 """The learning diagnostics (cacl_jax/training/diagnostics.py) on hand-made cases and on the synthetic
 renderer's ground truth."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -124,3 +125,60 @@ def test_class_separation_against_pairs():
   # An embedding that is its class: maximal separation (1 - 0 for orthogonal class codes).
   onehot = np.eye(4, dtype=np.float32)[labels]
   assert float(diagnostics.class_separation(jnp.asarray(onehot), jnp.asarray(labels), 4)) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- where the losses pull
+
+def test_gradient_cosines_are_those_of_each_losss_own_backbone_gradient():
+  """grad_cos_* (training/grad_cosines.py, jitted on 4 devices, one backward per loss from a
+  shared forward) against a direct computation: per head, its own forward pass and jax.grad of
+  that head's loss alone, the backbone's leaves concatenated, the cosine in float64. After one
+  train step, so that the queues and the networks are not at their initialisation. A head of
+  weight 0 gives no pair."""
+  from cacl_jax.models.cacl import model_from_config
+  from cacl_jax.runtime import parallel
+  from cacl_jax.training import grad_cosines, optim, step as step_lib, streams
+
+  c = defaults.pretrain_config()
+  c.batch_size, c.data.image_size, c.queue.size = 8, 32, 64
+  c.model.width_divisor, c.model.bn_group_size, c.model.embed_dim = 8, 4, 16
+  c.log_grad_cosines = True
+  mesh = parallel.make_mesh(4)
+  model = model_from_config(c.model)
+  tx, schedule = optim.make_optimizer(c)
+  state, shardings = step_lib.create_state(model, tx, c, mesh, seed=0)
+  rng = np.random.default_rng(0)
+  big = rng.integers(0, 256, (8, 34, 35, 3)).astype(np.uint8)
+  batch = parallel.host_to_global(mesh, {"v": big[:, :32, :32], "v_pos": big[:, 2:, 3:]})
+  state, _ = step_lib.jit_train_step(model, tx, schedule, c, mesh, shardings)(state, batch)
+
+  probe = grad_cosines.make_probe(model, c, mesh)
+  measured = {k: float(v) for k, v in probe(state, batch).items()}
+  assert set(measured) == {"grad_cos_g_p", "grad_cos_g_c", "grad_cos_p_c", "grad_norm_g",
+                           "grad_norm_p", "grad_norm_c"}
+
+  host = jax.device_get(state)
+  plain = {k: np.asarray(v) for k, v in jax.device_get(batch).items()}
+  _, keys = streams.step_keys(host.rng)
+  v, rolls, out_pos, _ = step_lib.target_side(host, plain, keys, model, c)
+
+  def backbone_grad(head):
+    def loss(params):
+      out, _ = step_lib.forward(model, params, host.batch_stats, v, rolls, None)
+      return step_lib.cacl_losses(out, out_pos, host.queues, c, keys, platform="cpu")[1][f"loss_{head}"]
+    leaves = jax.tree.leaves(jax.grad(loss)(host.params)["backbone"])
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+
+  grads = {h: backbone_grad(h) for h in ("global", "pixel", "cycle")}
+  for (a, b), name in grad_cosines.PAIRS.items():
+    direct = grads[a] @ grads[b] / (np.linalg.norm(grads[a]) * np.linalg.norm(grads[b]))
+    assert abs(measured[name] - direct) < 1e-5, (name, measured[name], direct)
+    assert abs(direct) < 0.999   # distinct directions: a swapped or repeated gradient would show
+  for h in grads:
+    np.testing.assert_allclose(measured[f"grad_norm_{h[0]}"], np.linalg.norm(grads[h]), rtol=1e-5)
+  assert len({round(measured[name], 4) for name in grad_cosines.PAIRS.values()}) == 3
+
+  c.loss.weights.cycle = 0.0   # two heads: only their pair
+  assert set(grad_cosines.measured_pairs(c).values()) == {"grad_cos_g_p"}
+  c.loss.weights.pixel = 0.0   # MoCo-v2: nothing to measure
+  assert grad_cosines.make_probe(model, c, mesh) is None

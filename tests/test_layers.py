@@ -1,7 +1,7 @@
 """The package's layers: imports point down only (read from the source, every import counted,
 those inside functions too).
 
-  entries      main, linear_eval, prepare_data, sweep, convert, propagate
+  entries      main, linear_eval, prepare_data, sweep, curves, convert, propagate
   training/  evaluation/  interop/
   method/  models/  data/
   runtime/
@@ -12,7 +12,7 @@ import pathlib
 import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "cacl_jax"
-ENTRIES = {"main", "linear_eval", "prepare_data", "sweep", "convert", "propagate"}
+ENTRIES = {"main", "linear_eval", "prepare_data", "sweep", "curves", "convert", "propagate"}
 RANK = {"defaults": 0, "runtime": 1, "method": 2, "models": 2, "data": 2,
         "training": 3, "evaluation": 3, "interop": 3, **{e: 4 for e in ENTRIES}, "losses": 4}
 

@@ -98,3 +98,55 @@ def test_paired_intervals_are_student_t_over_the_seeds():
   summary = sweep_summary.summarise(rows, ["cacl", "mocov2"], {})
   assert summary["cacl"]["protocols"]["retrieval"]["values"] == [16.0, 20.0, 31.0]
   assert summary["random init"]["mious"] == [10.0, 11.0, 12.0]
+
+
+# ---------------------------------------------------------------- learning curves
+
+def curves(workdir, *args):
+  cmd = [sys.executable, "-m", "cacl_jax.curves", "--config", CONFIG, "--workdir", str(workdir),
+         "--variants", "cacl,mocov2", "--seeds", "0,1", "--long_steps", "4", "--eval_steps", "2,4",
+         "--checkpoint_every", "2", "--short_steps", "2", *args]
+  return subprocess.run(cmd, cwd=tiny.ROOT, env=tiny.env(1), capture_output=True, text=True,
+                        timeout=tiny.TIMEOUT)
+
+
+def test_curves_table_pairs_each_schedule_and_step_with_the_reference():
+  from cacl_jax.evaluation import curves as curves_lib
+  runs = curves_lib.plan(["cacl", "mocov2"], [0, 1], 4, [4, 2], 2)
+  assert [(r["variant"], r["seed"], r["schedule"]) for r in runs][:3] == [
+      ("cacl", 0, "long"), ("mocov2", 0, "long"), ("cacl", 1, "long")]
+  assert runs[0]["eval_steps"] == [2, 4] and runs[-1]["eval_steps"] == [2]
+  rows = [dict(r, evals={str(s): {"linear": 10.0 * (r["variant"] == "cacl") + r["seed"] + s,
+                                  "cluster": 5.0} for s in r["eval_steps"]}) for r in runs]
+  table = {(e["variant"], e["schedule"], e["step"], e["protocol"]): e
+           for e in curves_lib.table(rows, "mocov2")}
+  e = table[("cacl", "long", 4, "linear")]
+  assert e["seeds"] == {"0": 14.0, "1": 15.0} and e["mean"] == 14.5
+  assert e["minus_reference"]["differences"] == [10.0, 10.0]
+  assert e["minus_reference"]["verdict"] == "above"   # two equal differences: sd 0, interval [10, 10]
+  assert table[("cacl", "short", 2, "cluster")]["minus_reference"]["differences"] == [0.0, 0.0]
+  assert "minus_reference" not in table[("mocov2", "long", 2, "linear")]
+  md = curves_lib.markdown(list(table.values()), {"floor": {"linear": 1.0}, "ceiling": {}}, "mocov2")
+  assert "| cacl | long | 4 | 14.5 (14.0/15.0) |" in md
+
+
+def test_curves_resume_from_a_copied_json_and_reject_bad_steps(tmp_path):
+  """A curves.json from another machine: its done runs are neither pretrained nor evaluated
+  again; the table, markdown and figure are rewritten from it. Bad --eval_steps: one line."""
+  from cacl_jax.evaluation import curves as curves_lib
+  runs = curves_lib.plan(["cacl", "mocov2"], [0, 1], 4, [2, 4], 2)
+  rows = [dict(r, status="done", evals={str(s): {"linear": 12.0 + r["seed"]} for s in r["eval_steps"]},
+               curves={"step": [2, 4], "grad_cos_g_p": [0.1, -0.2]}) for r in runs]
+  json.dump({"instrument": {"floor": {"linear": 10.0}, "ceiling": {"linear": 60.0}}, "runs": rows},
+            open(tmp_path / "curves.json", "w"))
+  out = curves(tmp_path)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  assert "pretraining" not in out.stdout and not (tmp_path / "cacl").exists()
+  result = json.load(open(tmp_path / "curves.json"))
+  assert [r["status"] for r in result["runs"]] == ["done"] * 8
+  assert result["instrument"]["ceiling"] == {"linear": 60.0}
+  assert os.path.getsize(tmp_path / "curves.png") > 5000
+  assert "| cacl | long | 4 | 12.5 (12.0/13.0) |" in open(tmp_path / "curves.md").read()
+  bad = curves(tmp_path, "--eval_steps", "3")
+  lines = [l for l in bad.stderr.strip().splitlines() if l.strip()]
+  assert bad.returncode != 0 and len(lines) == 1 and "multiples of --checkpoint_every" in lines[0]

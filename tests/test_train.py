@@ -110,11 +110,13 @@ def runs(tmp_path_factory):
     b2, s1 = started[4:]
     tiny.wait_until(lambda: lock_holder(b) == b2.pid, [b2], "B's restart holding its workdir")
     os.kill(b2.pid, signal.SIGSTOP)   # B2 must outlive C's start-up: freeze it meanwhile
+    os.kill(s1.pid, signal.SIGSTOP)   # and S, which could finish its 12 steps on a busy machine
     try:
       c = subprocess.run(tiny.main_command(b, tiny.NO_VIZ), cwd=tiny.ROOT, env=tiny.env(8),
                          capture_output=True, text=True, timeout=tiny.TIMEOUT)
     finally:
       os.kill(b2.pid, signal.SIGCONT)
+      os.kill(s1.pid, signal.SIGCONT)
     out["c"] = {"code": c.returncode, "stdout": c.stdout, "stderr": c.stderr, "holder": b2.pid}
     tiny.wait_until(lambda: tiny.last_logged_step(s) >= 1, [s1], "a logged step")
     s1.send_signal(signal.SIGTERM)

@@ -36,6 +36,7 @@ def get_config(variant: str = ""):
   c.keep_checkpoints = 10          # keep them all: the tests look at intermediate ones
   c.log_every_steps = 1
   c.viz_every_steps = VIZ_EVERY
+  c.log_grad_cosines = False       # its own test (test_diagnostics.py); here a compile per run
 
   c.data.name = "synthetic"
   c.data.image_size = 32

@@ -38,6 +38,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cacl_jax.evaluation import sweep_summary as summary_lib
+from cacl_jax.runtime import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Pretraining config file (its variants are swept).",
@@ -151,19 +152,6 @@ def write_outputs(workdir: str, rows: list[dict], variants: list[str], paper: di
 
 # ---------------------------------------------------------------- main
 
-def load_config_module(config_file: str):
-  """The config file as a module (its `get_config(variant)` and optional `PAPER_MIOU`)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("_sweep_config", config_file)
-  module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(config_file)))
-  try:
-    spec.loader.exec_module(module)
-  finally:
-    sys.path.pop(0)
-  return module
-
-
 def main(argv):
   del argv
   config_file = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]
@@ -175,7 +163,7 @@ def main(argv):
   except ValueError:
     sys.exit(f"sweep: error: --seeds must be integers, got {','.join(FLAGS.seeds)}")
   # Every variant must exist before hours of work start (the config file raises on unknown names).
-  module = load_config_module(config_file)
+  module = cli.load_config_module(config_file)
   for v in FLAGS.variants:
     try:
       module.get_config(v)

@@ -117,3 +117,16 @@ def _last_line(text: str) -> str:
   if len(lines) > 1 and any(line.startswith("Traceback") for line in lines):
     return f"{lines[0]} {lines[-1]}"
   return " ".join(lines)
+
+
+def load_config_module(config_file: str):
+  """The config file as a module (its `get_config(variant)` and optional `PAPER_MIOU`)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_config_file", config_file)
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(config_file)))
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.pop(0)
+  return module

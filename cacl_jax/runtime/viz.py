@@ -222,6 +222,8 @@ DIAGNOSTIC_PANELS = {
                                             "cos_cross_c"),
     "class separation across images": ("class_sep_h", "class_sep_u", "class_sep_p", "class_sep_c"),
     "cycle": ("cycle_return", "soft_target_entropy"),
+    "cosine between the heads' backbone gradients": ("grad_cos_g_p", "grad_cos_g_c", "grad_cos_p_c"),
+    "norm of each head's backbone gradient": ("grad_norm_g", "grad_norm_p", "grad_norm_c"),
     "learning rate": ("lr",),
 }
 

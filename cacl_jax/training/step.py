@@ -212,6 +212,27 @@ def gathered(tree, mesh: Mesh | None):
   return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
 
 
+def target_side(state: TrainState, batch: dict[str, jax.Array], keys: dict[str, jax.Array],
+                model: nn.Module, config):
+  """Steps 1–2 (module docstring): the augmented online input and the target's side.
+
+  Returns (v float [B, S, S, 3] augmented, the rolls of v (int32 [B, 2] or None), the target's
+  maps {'h','u','p','c'} on v+ (no gradient), the target's updated BN statistics)."""
+  # Named scopes label every HLO op with its phase (benchmarks/profile_step.py reads them).
+  with jax.named_scope("augment"):
+    v = augment.photometric(keys["augment"], batch["v"])
+    v_pos = augment.photometric(keys["augment_pos"], batch["v_pos"])
+  b, hgt, wid = v.shape[:3]
+  rolls, rolls_pos = pair_rolls(keys["roll"], keys["roll_pos"], b, hgt, wid, config)
+  # Target on v+: no gradient ever reaches θt (stop_gradient here and inside the losses).
+  perm = (jax.random.permutation(keys["shuffle_bn"], b)
+          if config.model.get("bn_mode", "group") == "group" else None)
+  with jax.named_scope("target"):
+    out_pos, target_stats = forward(model, state.target_params, state.target_batch_stats,
+                                    v_pos, rolls_pos, perm)
+  return v, rolls, jax.lax.stop_gradient(out_pos), target_stats
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule, config,
                mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -223,20 +244,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   queues_full = gathered(state.queues, mesh)
   rng, keys = streams.step_keys(state.rng)
   platform = mesh.devices.flat[0].platform if mesh is not None else None
-  # Named scopes label every HLO op with its phase (benchmarks/profile_step.py reads them).
-  with jax.named_scope("augment"):
-    v = augment.photometric(keys["augment"], batch["v"])
-    v_pos = augment.photometric(keys["augment_pos"], batch["v_pos"])
-  b, hgt, wid = v.shape[:3]
-  rolls, rolls_pos = pair_rolls(keys["roll"], keys["roll_pos"], b, hgt, wid, config)
-
-  # Target on v+: no gradient ever reaches θt (stop_gradient here and inside the losses).
-  perm = (jax.random.permutation(keys["shuffle_bn"], b)
-          if config.model.get("bn_mode", "group") == "group" else None)
-  with jax.named_scope("target"):
-    out_pos, target_stats = forward(model, state.target_params, state.target_batch_stats,
-                                    v_pos, rolls_pos, perm)
-    out_pos = jax.lax.stop_gradient(out_pos)
+  v, rolls, out_pos, target_stats = target_side(state, batch, keys, model, config)
 
   def loss_fn(params):
     with jax.named_scope("online"):

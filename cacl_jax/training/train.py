@@ -46,7 +46,7 @@ from jax.experimental import multihost_utils
 
 from cacl_jax.runtime import (checkpoint, compile_cache, config_diff, fingerprint, metrics_log, parallel,
                               paths, runlock, timing, viz, watchdog)
-from cacl_jax.training import diagnostics, logbook, optim, prefetch, state as state_lib, step as step_lib
+from cacl_jax.training import diagnostics, grad_cosines, logbook, optim, prefetch, state as state_lib, step as step_lib
 from cacl_jax.data import augment, pipeline
 from cacl_jax.models.cacl import model_from_config
 
@@ -330,6 +330,7 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, source) -
   skipped = Skips(config.get("max_consecutive_skips", 10), last_checkpoint)
   hang_at = int(config.get("debug", {}).get("hang_at_step", 0))
   diagnose, diag_pairs = None, None   # built at the first logging step (real data: its batch)
+  pulls = grad_cosines.make_probe(model, config, mesh)   # None: off, or fewer than two heads
   last, preempted_at, compile_s, carried, first_record = {}, None, None, None, True
   window, pending = [], None   # this log window's (step, metrics); the step not yet read
   window_start = time.perf_counter()
@@ -383,6 +384,8 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, source) -
               diag_pairs = parallel.host_to_global(mesh, diagnostics.local_pair_set(
                   config, host_batch, mesh.devices.size, jax.process_index(), jax.process_count()))
             last.update(diagnostics.as_floats(diagnose(state, diag_pairs)))
+            if pulls is not None:
+              last.update(diagnostics.as_floats(pulls(state, batch)))
             bad = sorted(k for k, v in last.items() if not math.isfinite(v))
             if bad:
               raise TrainingDiverged(f"non-finite metrics at step {step} ({', '.join(bad)}); the "
