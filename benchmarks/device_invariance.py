@@ -5,6 +5,8 @@ how far each layout's losses and state drift from one device's over the first st
   python benchmarks/device_invariance.py                 # the demo config, 6 steps
   python benchmarks/device_invariance.py --steps 3 --devices 1 8
   python benchmarks/device_invariance.py --images noise      # pixel-noise pairs: no exact ties
+  python benchmarks/device_invariance.py --control=--xla_cpu_max_isa=AVX2 \
+      --control=--xla_force_host_platform_device_count=8      # + two one-device controls
 
 Every layout runs the demo's model, losses and first global batches from the same initial state
 (`configs/demo.py` with `total_steps=6`, so step 1 already moves the parameters at lr 2.0). Per
@@ -15,9 +17,12 @@ state (parameters, BN statistics, target, optimiser, queues), per leaf. `--image
 pairs of pixel noise (v+ = v moved by (3, 2) pixels) instead of the demo's frames, whose flat
 regions make exact ties in the argmax matches, ReLUs and max-pools. The layouts
 compute the same mathematics in another float order, so these are rounding, amplified by the
-step: through the argmax matches, the ReLUs, and LARS's per-layer step size. Each layout runs
-in its own process (the device count is fixed when XLA starts). Writes
-benchmarks/results/device_invariance.json.
+step: through the argmax matches, the ReLUs, and LARS's per-layer step size. Each `--control FLAGS`
+adds a layout of one device compiled with extra XLA flags, the same program on the same device
+count: `--xla_cpu_max_isa=AVX2` (XLA's own kernels as another x86 CPU would get them, 8 float
+lanes instead of 16), `--xla_force_host_platform_device_count=8` (the one device in a process
+that has 8, as in the test suite). Each layout runs in its own process (the device count is
+fixed when XLA starts). Writes benchmarks/results/device_invariance.json.
 """
 from __future__ import annotations
 
@@ -93,11 +98,12 @@ def _child(steps: int, out: str, devices: int | None, process: tuple[int, int, i
     np.savez(out, **saved)
 
 
-def _launch(steps: int, devices: int, processes: int, workdir: str, images: str) -> str:
-  """Runs one layout: `processes` processes of `devices` fake devices each. Returns its npz."""
-  out = os.path.join(workdir, f"{processes}x{devices}.npz")
+def _launch(steps: int, devices: int, processes: int, workdir: str, images: str, flags: str = "") -> str:
+  """Runs one layout: `processes` processes of `devices` fake devices each, with extra XLA
+  `flags`. Returns its npz."""
+  out = os.path.join(workdir, f"{processes}x{devices}_{abs(hash(flags))}.npz")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {flags}".strip())
   if devices > 1:
     env["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
   base = [sys.executable, __file__, "--child", "--steps", str(steps), "--out", out, "--images", images]
@@ -166,6 +172,8 @@ def main(argv=None):
   ap.add_argument("--processes", type=int, default=2, help="a layout of this many processes, "
                   "one device each (0: none)")
   ap.add_argument("--images", choices=("demo", "noise"), default="demo")
+  ap.add_argument("--control", action="append", default=[], help="XLA flags of a control layout: "
+                  "one device, the same program, compiled with these flags (repeatable)")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--child_devices", type=int, default=None, help=argparse.SUPPRESS)
   ap.add_argument("--process", type=int, nargs=3, default=None, help=argparse.SUPPRESS)
@@ -174,13 +182,15 @@ def main(argv=None):
   if args.child:
     return _child(args.steps, args.out, args.child_devices, args.process, args.images)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  layouts = [(n, 1) for n in args.devices] + ([(1, args.processes)] if args.processes > 1 else [])
+  layouts = ([(n, 1, "") for n in args.devices] + ([(1, args.processes, "")] if args.processes > 1 else [])
+             + [(1, 1, flags) for flags in args.control])
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     runs = {}
-    for devices, processes in layouts:
-      name = f"{devices} devices" if processes == 1 else f"{processes} processes"
-      runs[name] = dict(np.load(_launch(args.steps, devices, processes, tmp, args.images)))
+    for devices, processes, flags in layouts:
+      name = (f"1 device, {flags}" if flags else
+              f"{devices} devices" if processes == 1 else f"{processes} processes")
+      runs[name] = dict(np.load(_launch(args.steps, devices, processes, tmp, args.images, flags)))
       print(f"  ran {name}", flush=True)
     ref_name = f"{args.devices[0]} devices"
     for name, run in runs.items():
