@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def _child(steps: int, out: str, devices: int | None, process: tuple[int, int, i
 def _launch(steps: int, devices: int, processes: int, workdir: str, images: str, flags: str = "") -> str:
   """Runs one layout: `processes` processes of `devices` fake devices each, with extra XLA
   `flags`. Returns its npz."""
-  out = os.path.join(workdir, f"{processes}x{devices}_{abs(hash(flags))}.npz")
+  out = os.path.join(workdir, f"{processes}x{devices}{re.sub(r'[^A-Za-z0-9]+', '_', flags)}.npz")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {flags}".strip())
   if devices > 1:
