@@ -316,6 +316,41 @@ def test_the_demos_steps_agree_on_1_2_4_and_8_devices():
                                   (ref.rng, ref.queue_ptrs, ref.step))
 
 
+_BN_BITS = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from cacl_jax.models.resnet import GroupBatchNorm
+x = jax.random.normal(jax.random.key(0), (32, 32, 32, 8)) * 3 + 1      # the demo's stem: [B, H, W, C]
+t = jax.random.normal(jax.random.key(1), x.shape)
+bn = GroupBatchNorm(group_size=8)
+v = bn.init(jax.random.key(2), x, train=True)
+def loss(p, x):
+  y, _ = bn.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])
+  return jnp.sum(jnp.maximum(y, 0) * t)                       # a ReLU after it, as in the backbone
+grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], x)
+np.savez(sys.argv[1], *[np.asarray(g) for g in jax.tree.leaves(grads)])
+"""
+
+
+def test_batchnorm_computes_the_same_bits_in_any_thread_pool(tmp_path):
+  """XLA:CPU runs a process's reductions on its thread pool, whose size is the core count or
+  the fake device count, and a sum with few outputs ([groups, C]) is split across the pool:
+  its bits followed the process, and the backward pass through the BatchNorms amplified that
+  to 4e-4 per layer after one step between a process of one device and one of eight
+  (docs/reliability.md). Per-sample sums first ([B, C]) keep each sum on one thread: the BN
+  layer's forward and backward bits are the same with pools of 2, 3 and 8 threads."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_NPROC")}
+  runs = []
+  for i, (devices, pool) in enumerate(((1, 2), (1, 3), (8, 8))):
+    out = tmp_path / f"{i}.npz"
+    subprocess.run([sys.executable, "-c", _BN_BITS, str(out)], cwd=ROOT, check=True,
+                   env=dict(env, PJRT_NPROC=str(pool),
+                            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
+    runs.append([a for _, a in sorted(np.load(out).items())])
+  for run in runs[1:]:
+    chex.assert_trees_all_equal(run, runs[0])
+
+
 def test_a_rerun_on_the_same_layout_is_bit_identical():
   """Same devices, same state, same batch: the same bits (what resume and reruns rely on)."""
   mesh, state, train_step = compiled(4)

@@ -44,19 +44,25 @@ def group_of(group: int, perm: jax.Array) -> jax.Array:
 def group_sums(x: jax.Array, group: int, members: jax.Array | None) -> jax.Array:
   """x [B, ..., C] → its sums per BN group [G, C], G = B / group.
 
-  Consecutive groups (members None): a reshape to [G, group, ..., C] and a sum, which on a mesh
-  with the batch on 'data' stays on the devices that hold the group (a group spanning devices
-  is summed over just those). Shuffle-BN's groups (members: float32 one-hot [B, G]): each
-  sample's sums over its positions, then a product with the membership, so that each device
-  adds up its own samples and one all-reduce of [G, C] completes the sums — G rows per BN layer,
-  not the B per-sample rows a gather would move (docs/method.md §2, "Weak scaling"). HIGHEST:
-  a TPU's default float32 product would round the statistics to bfloat16; a product (unlike a
-  scatter-add) is also deterministic on GPUs."""
+  First each sample's sums over its positions [B, C], then the groups'. Consecutive groups
+  (members None): a reshape to [G, group, C] and a sum, which on a mesh with the batch on 'data'
+  stays on the devices that hold the group (a group spanning devices is summed over just
+  those). Shuffle-BN's groups (members: float32 one-hot [B, G]): a product with the membership,
+  so that each device adds up its own samples and one all-reduce of [G, C] completes the sums —
+  G rows per BN layer, not the B per-sample rows a gather would move (docs/method.md §2, "Weak
+  scaling"). HIGHEST: a TPU's default float32 product would round the statistics to bfloat16;
+  a product (unlike a scatter-add) is also deterministic on GPUs.
+
+  Why per sample first: XLA:CPU splits a sum with few outputs (one group sum over
+  [G, group · positions, C]: G·C values) across the process's thread pool, whose size follows the
+  core or fake-device count, so its bits did too, and the backward pass through the BatchNorms
+  amplified that to 4e-4 per layer after one step between a process of one device and one of
+  eight. [B, C] sums keep each on one thread (`tests/test_step.py`, thread pools of 2, 3, 8)."""
   b, c = x.shape[0], x.shape[-1]
+  sums = x.reshape(b, -1, c).sum(axis=1)                                          # [B, C]
   if members is None:
-    return x.reshape(b // group, -1, c).sum(axis=1)
-  per_sample = x.reshape(b, -1, c).sum(axis=1)
-  return jnp.einsum("bg,bc->gc", members, per_sample, precision=jax.lax.Precision.HIGHEST)
+    return sums.reshape(b // group, group, c).sum(axis=1)
+  return jnp.einsum("bg,bc->gc", members, sums, precision=jax.lax.Precision.HIGHEST)
 
 
 def per_sample(stat: jax.Array, group: int, members: jax.Array | None, ndim: int) -> jax.Array:
@@ -115,16 +121,13 @@ class GroupBatchNorm(nn.Module):
 
     x32 = x.astype(jnp.float32)
     mean = group_sums(x32, g, members) / n                                         # [G, C]
-    # The variance's centred values in the groups' layout ([G or B, positions, C]) and the
-    # output's in x's: two expressions, so that XLA fuses each into its consumer instead of
-    # keeping one centred copy of x for the gradient (~0.2 GiB per device for ResNet-18 at
-    # 224 px and 8 images, `benchmarks/scaling.py`'s peak). Not y = x·a + (b − μ·a): the
+    # The variance's centred values per sample ([B, positions, C]) and the output's in x's: two
+    # expressions, so that XLA fuses each into its consumer instead of keeping one centred copy
+    # of x for the gradient (~0.2 GiB per device for ResNet-18 at 224 px and 8 images,
+    # `benchmarks/scaling.py`'s peak). Not y = x·a + (b − μ·a): the
     # gradient of that form cancels (2.6e-4 apart across device counts after one step).
-    if members is None:                                  # [G, group · positions, C]
-      var = jnp.square(x32.reshape(b // g, -1, c) - mean[:, None]).sum(axis=1) / n
-    else:                                                # [B, positions, C], then group sums
-      centred = x32.reshape(b, -1, c) - per_sample(mean, g, members, 3)
-      var = group_sums(jnp.square(centred), g, members) / n
+    centred = x32.reshape(b, -1, c) - per_sample(mean, g, members, 3)       # [B, positions, C]
+    var = group_sums(jnp.square(centred), g, members) / n
     if not self.is_initializing():
       unbiased = var.mean(axis=0) * n / max(n - 1, 1)
       ra_mean.value = moving_average(ra_mean.value, mean.mean(axis=0), self.momentum)
