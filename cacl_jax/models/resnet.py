@@ -124,8 +124,8 @@ class GroupBatchNorm(nn.Module):
     # The variance's centred values per sample ([B, positions, C]) and the output's in x's: two
     # expressions, so that XLA fuses each into its consumer instead of keeping one centred copy
     # of x for the gradient (~0.2 GiB per device for ResNet-18 at 224 px and 8 images,
-    # `benchmarks/scaling.py`'s peak). Not y = x·a + (b − μ·a): the
-    # gradient of that form cancels (2.6e-4 apart across device counts after one step).
+    # `benchmarks/scaling.py`'s peak). Not y = x·a + (b − μ·a): the gradient of that form
+    # cancels (2.6e-4 apart across device counts after one step).
     centred = x32.reshape(b, -1, c) - per_sample(mean, g, members, 3)       # [B, positions, C]
     var = group_sums(jnp.square(centred), g, members) / n
     if not self.is_initializing():
